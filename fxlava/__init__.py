@@ -1,4 +1,31 @@
 """fxlava: compile SpikingJelly models to Lava-DL blocks and netx files for Loihi."""
 from fxlava import compat as _compat
 
-_compat.install()
+_compat.install()  # before anything imports lava (see fxlava/compat.py)
+
+from fxlava.errors import FxlavaError, Issue, PassError, UnsupportedModelError  # noqa: E402
+from fxlava.layout import NXT_to_TNX, TNX_to_NXT  # noqa: E402
+from fxlava.pass_manager import CompileContext, Pass, PassResult, Pipeline  # noqa: E402
+from fxlava.compiler import CompiledNetwork, compile  # noqa: E402
+
+
+def default_pipeline() -> Pipeline:
+    """A fresh copy of the built-in pass pipeline."""
+    from fxlava.passes import default_pipeline as _default
+
+    return _default()
+
+
+def run_lava(path, x, **kwargs):
+    """Run a netx file in Lava's CPU simulator on [N, *, T] spikes; see fxlava.lava_runner.run_lava."""
+    from fxlava.lava_runner import run_lava as _run
+
+    return _run(path, x, **kwargs)
+
+
+__all__ = [
+    "compile", "CompiledNetwork", "default_pipeline", "run_lava", "TNX_to_NXT", "NXT_to_TNX",
+    "Pipeline", "Pass", "PassResult", "CompileContext",
+    "FxlavaError", "UnsupportedModelError", "PassError", "Issue",
+]
+__version__ = "0.1.0"

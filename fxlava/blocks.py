@@ -1,0 +1,71 @@
+"""fxlava's blocks: quantised synapse + CUBA neuron layers in lava-dl's [N, *, T] layout.
+
+A block is what one netx layer is: a synapse (conv or dense, weights on the 8-bit grid) and a
+layer of CUBA neurons. Blocks are trainable (straight-through quantisation, the user's
+surrogate); ``fxlava.backends.lava_dl`` turns each into the equal ``slayer.block.cuba`` block.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxlava.neuron import CubaNeuron
+from fxlava.rules import quantize_weight
+
+__all__ = ["SynapseBlock", "FlattenBlock", "is_block"]
+
+
+class SynapseBlock(nn.Module):
+    """Conv or dense synapse with quantised weights, followed by CUBA neurons; [N, *, T] -> [N, *, T]."""
+
+    def __init__(self, synapse: nn.Module, neuron: CubaNeuron, kind: str = "", source: tuple = ()):
+        super().__init__()
+        if not isinstance(synapse, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"SynapseBlock takes nn.Conv2d or nn.Linear; got {type(synapse).__name__}")
+        if synapse.bias is not None:
+            raise ValueError("Loihi blocks have no bias; the reject_bias pass should have refused this synapse")
+        self.synapse = synapse
+        self.neuron = neuron
+        # 'conv', 'dense' or 'sumpool' (a grouped conv with a ones kernel); for tables and the backends
+        self.kind = kind or ("conv" if isinstance(synapse, nn.Conv2d) else "dense")
+        self.source = tuple(source)  # the user's module paths this block was made from
+
+    @property
+    def quantized_weight(self) -> torch.Tensor:
+        return quantize_weight(self.synapse.weight)
+
+    def synaptic_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The synapse applied at every time step: [N, *, T] -> [N, *, T]."""
+        n, t = x.shape[0], x.shape[-1]
+        xt = x.movedim(-1, 1).reshape(n * t, *x.shape[1:-1])
+        w = self.quantized_weight
+        if isinstance(self.synapse, nn.Conv2d):
+            s = self.synapse
+            y = F.conv2d(xt, w, None, s.stride, s.padding, s.dilation, s.groups)
+        else:
+            y = F.linear(xt, w)
+        return y.reshape(n, t, *y.shape[1:]).movedim(1, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.neuron(self.synaptic_input(x))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, source={list(self.source)}"
+
+
+class FlattenBlock(nn.Module):
+    """Flattens each sample in C, H, W order (as netx's flatten layer): [N, C, H, W, T] -> [N, CHW, T]."""
+
+    def __init__(self, source: tuple = ()):
+        super().__init__()
+        self.kind = "flatten"
+        self.source = tuple(source)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def is_block(m: nn.Module) -> bool:
+    """True for the modules fuse_blocks produces."""
+    return isinstance(m, (SynapseBlock, FlattenBlock))

@@ -1,0 +1,115 @@
+"""fxlava.compile: trace, check, run the pass pipeline, and wrap the result with its backends."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxlava import frontend
+from fxlava.backends.lava_dl import blocks_of, to_lava_dl
+from fxlava.errors import UnsupportedModelError, issue_at
+from fxlava.pass_manager import CompileContext, Pipeline
+from fxlava.rules import AVG_POOLS, FLATTENS, IDENTITIES, SYNAPSES
+
+__all__ = ["compile", "CompiledNetwork"]
+
+log = logging.getLogger(__name__)
+
+
+def _known_node_issues(gm: fx.GraphModule):
+    """Nodes that no built-in pass handles (reported up front, together with every other problem)."""
+    from spikingjelly.activation_based import base, layer
+
+    known = SYNAPSES + AVG_POOLS + FLATTENS + IDENTITIES + (base.MemoryModule, layer.Dropout)
+    issues = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if not isinstance(m, known):
+                issues.append(issue_at(node, "a module with no Loihi equivalent in fxlava",
+                                       _fix_for(m), module=m))
+        else:
+            issues.append(issue_at(node, "an operation with no Loihi equivalent in fxlava",
+                                   "remove it from forward() (compute it outside the model), "
+                                   "or write a pass that lowers it"))
+    return issues
+
+
+def _fix_for(m: nn.Module) -> str:
+    if isinstance(m, (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.LeakyReLU)):
+        return "Loihi layers pass spikes, not activations: replace it with a spiking neuron (IFNode/LIFNode)"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return "fold the BatchNorm into the preceding synapse's weights before compiling, or remove it"
+    if isinstance(m, nn.MaxPool2d):
+        return "use an average pool (AvgPool2d), which fxlava turns into a sum pool"
+    return "remove it from the network that goes to Loihi, or write a pass that lowers it"
+
+
+class CompiledNetwork(nn.Module):
+    """The compiled network: ``graph_module`` on the SpikingJelly side, ``lava_dl`` and ``export_hdf5`` for Lava."""
+
+    def __init__(self, graph_module: fx.GraphModule, ctx: CompileContext, pipeline: Pipeline):
+        super().__init__()
+        self.graph_module = graph_module
+        self.pipeline = pipeline
+        self.input_shape = tuple(ctx.input_shape)
+        self.step_mode = ctx.step_mode
+        self.records = list(ctx.records)
+        self._lava_dl = None
+        self._lava_dl_key = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, N, *] spikes -> [T, N, *] spikes, from the resting state."""
+        frontend.reset_states(self.graph_module)
+        return self.graph_module(x)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The fused blocks, in order (one per netx layer after the input layer)."""
+        return blocks_of(self.graph_module)
+
+    def _weights_key(self):
+        return tuple((id(p), p._version) for p in self.graph_module.parameters())
+
+    @property
+    def lava_dl(self) -> nn.Sequential:
+        """An nn.Sequential of slayer blocks, [N, *, T] -> [N, *, T], rebuilt whenever the weights change."""
+        key = self._weights_key()
+        if self._lava_dl is None or key != self._lava_dl_key:
+            self._lava_dl = to_lava_dl(self.graph_module, self.input_shape)
+            self._lava_dl_key = key
+        return self._lava_dl
+
+    def export_hdf5(self, path: Union[str, os.PathLike]) -> str:
+        """Write the netx file (with an input layer) atomically; returns the path."""
+        from fxlava.backends.hdf5 import write_netx
+
+        write_netx(self.lava_dl, path, self.input_shape)
+        return os.fspath(path)
+
+
+def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pipeline] = None,
+            **options) -> CompiledNetwork:
+    """Compile a SpikingJelly model for Loihi; ``example_input`` is [T, N, *] spikes."""
+    from fxlava.passes import default_pipeline
+
+    default = default_pipeline()
+    pipeline = default if pipeline is None else pipeline
+    gm, step_mode = frontend.trace(model, example_input)
+    ctx = CompileContext(example_input=example_input, step_mode=step_mode,
+                         input_shape=tuple(example_input.shape[2:]), options=dict(options))
+    ctx.record("trace", f"{type(model).__name__} traced in step mode '{step_mode}', "
+                        f"{sum(1 for n in gm.graph.nodes if n.op == 'call_module')} modules")
+    up_front = frontend.chain_issues(gm)
+    # with user passes in the pipeline, an unknown node may be theirs to lower: leave it to fuse_blocks
+    if pipeline.names == default.names:
+        up_front += _known_node_issues(gm)
+    pipeline.check(gm, ctx, extra=up_front)
+    gm = pipeline.run(gm, ctx)
+    return CompiledNetwork(gm, ctx, pipeline)

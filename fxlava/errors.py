@@ -1,0 +1,90 @@
+"""Typed errors. Each problem names the node, the module's path and type, the source line and a fix."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Iterable, Optional
+
+import torch.fx as fx
+
+__all__ = ["Issue", "FxlavaError", "UnsupportedModelError", "PassError", "issue_at"]
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One reason a model cannot be compiled, located in the user's model."""
+
+    reason: str
+    fix: str
+    path: str = ""  # qualified module path in the user's model ("" for a function call)
+    module_type: str = ""
+    node: str = ""
+    source: str = ""  # the user's source line, from torch.fx's recorded stack trace
+
+    def format(self) -> str:
+        where = self.path or f"<{self.node}>"
+        kind = f" ({self.module_type})" if self.module_type else ""
+        lines = [f"  - {where}{kind}"]
+        if self.source:
+            lines.append(f"      at {self.source}")
+        lines.append(f"      fix: {self.fix}")
+        return "\n".join(lines)
+
+
+def _source_line(node: fx.Node) -> str:
+    """The innermost user frame of the node's recorded stack trace, as 'file:line: code'."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = [ln.strip() for ln in trace.strip().splitlines()]
+    # torch.fx records a Python traceback: 'File "x.py", line N, in f' followed by the code line.
+    for i in range(len(frames) - 1, -1, -1):
+        # the innermost frame outside torch itself is the user's line
+        if frames[i].startswith("File ") and "/torch/" not in frames[i]:
+            code = frames[i + 1] if i + 1 < len(frames) and not frames[i + 1].startswith("File ") else ""
+            loc = frames[i][len("File "):].replace('", line ', ":").replace('"', "")
+            loc = loc.split(", in ")[0]
+            return f"{loc}: {code}".rstrip(": ")
+    return ""
+
+
+def issue_at(node: fx.Node, reason: str, fix: str, module=None) -> Issue:
+    """An Issue located at ``node`` (its module path, type and source line)."""
+    path = node.meta.get("fxlava_path", node.target if node.op == "call_module" else "")
+    mtype = ""
+    if module is not None:
+        mtype = f"{type(module).__module__}.{type(module).__qualname__}"
+    elif node.op in ("call_function", "call_method"):
+        target = node.target
+        mtype = target if isinstance(target, str) else getattr(target, "__qualname__", repr(target))
+        mtype = f"{'method' if node.op == 'call_method' else 'function'} {mtype}"
+    return Issue(reason=reason, fix=fix, path=str(path), module_type=mtype, node=node.name, source=_source_line(node))
+
+
+class FxlavaError(Exception):
+    """Base class of every error fxlava raises on purpose."""
+
+
+class UnsupportedModelError(FxlavaError):
+    """The model uses something Loihi (through netx) cannot express; lists every offending module."""
+
+    def __init__(self, issues: Iterable[Issue], header: Optional[str] = None):
+        self.issues = list(issues)
+        n = len(self.issues)
+        head = header or f"fxlava cannot compile this model: {n} unsupported item{'s' if n != 1 else ''}"
+        parts = [head + "."]
+        ordered = sorted(enumerate(self.issues), key=lambda p: (p[1].reason, p[0]))
+        for reason, group in groupby(ordered, key=lambda p: p[1].reason):
+            parts.append(f"\n{reason}:")
+            parts.extend(issue.format() for _, issue in group)
+        super().__init__("\n".join(parts))
+
+
+class PassError(FxlavaError):
+    """A pass failed; names the pass and the passes that ran before it."""
+
+    def __init__(self, pass_name: str, ran_before: list[str], cause: BaseException):
+        self.pass_name = pass_name
+        self.ran_before = list(ran_before)
+        before = ", ".join(ran_before) if ran_before else "none"
+        super().__init__(
+            f"pass '{pass_name}' failed (passes run before it: {before}): {type(cause).__name__}: {cause}"
+        )

@@ -1,0 +1,349 @@
+"""Trace a SpikingJelly model with torch.fx and put the graph in fxlava's canonical per-step form.
+
+The canonical form is what the built-in passes read: one node per operation, executed once
+per time step on ``[N, *]`` tensors (SpikingJelly's single-step semantics), with
+* SpikingJelly containers (``SeqToANNContainer``, ``MultiStepContainer``,
+  ``StepModeContainer``, ``BlockContainer``) expanded into their children,
+* every SpikingJelly module set to single-step mode,
+* reshapes that only merge or split the time and batch dimensions removed, reshapes that
+  flatten one sample turned into ``nn.Flatten`` modules, and functional pooling / dropout
+  calls turned into the equivalent modules.
+Whatever cannot be put in that form is left in the graph as it is and reported by
+``unsupported_nodes``. Each node keeps its user-facing module path (``meta['fxlava_path']``),
+the user's source line (``meta['stack_trace']``) and its per-sample output shape
+(``meta['fxlava_shape']``).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+from typing import Optional
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fxlava.errors import FxlavaError, Issue, UnsupportedModelError, issue_at
+
+__all__ = ["SpikingTracer", "trace", "detect_step_mode", "chain_issues", "run_per_step", "reset_states"]
+
+log = logging.getLogger(__name__)
+
+
+def _is_spikingjelly(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("spikingjelly.")
+
+
+class SpikingTracer(fx.Tracer):
+    """Keeps SpikingJelly neurons, layers and containers (and torch.nn layers) as leaf modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if _is_spikingjelly(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _container_types() -> tuple:
+    from spikingjelly.activation_based import layer, lava_exchange
+
+    types = (layer.SeqToANNContainer, layer.MultiStepContainer, layer.StepModeContainer)
+    block = getattr(lava_exchange, "BlockContainer", None)  # only defined when slayer imports
+    return types + ((block,) if block is not None else ())
+
+
+def _step_modules(model: nn.Module):
+    from spikingjelly.activation_based import base
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, base.StepModule)]
+
+
+def _is_stateful(m: nn.Module) -> bool:
+    from spikingjelly.activation_based import base
+
+    return isinstance(m, base.MemoryModule)
+
+
+def detect_step_mode(model: nn.Module) -> str:
+    """'m' or 's': the step mode of the model's stateful (neuron) modules, which must agree."""
+    modes = {}
+    for name, m in _step_modules(model):
+        if _is_stateful(m) and not isinstance(m, _container_types()):
+            modes.setdefault(m.step_mode, []).append(name)
+    if len(modes) > 1:
+        s, mm = modes.get("s", []), modes.get("m", [])
+        raise UnsupportedModelError(
+            [Issue(reason="neurons in both single-step and multi-step mode", path=p, module_type="step_mode='s'",
+                   fix="set one step mode for the whole model: functional.set_step_mode(model, 'm')") for p in s]
+            + [Issue(reason="neurons in both single-step and multi-step mode", path=p, module_type="step_mode='m'",
+                     fix="set one step mode for the whole model: functional.set_step_mode(model, 'm')") for p in mm]
+        )
+    if modes:
+        return next(iter(modes))
+    # no neuron at all: containers of SpikingJelly are multi-step by nature
+    return "m" if any(isinstance(m, _container_types()) for m in model.modules()) else "s"
+
+
+def reset_states(model: nn.Module) -> None:
+    """Reset every SpikingJelly memory module (neuron state) in ``model``."""
+    from spikingjelly.activation_based import functional
+
+    functional.reset_net(model)
+
+
+def _set_single_step(model: nn.Module) -> None:
+    for _, m in _step_modules(model):
+        if "s" in m.supported_step_mode():
+            m.step_mode = "s"
+
+
+# functional forms a user writes in forward, and the module that does the same per sample
+def _avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+    return nn.AvgPool2d(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+def _max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    return nn.MaxPool2d(kernel_size, stride, padding, dilation, return_indices, ceil_mode)
+
+
+def _dropout(x, p=0.5, training=False, inplace=False):
+    return nn.Dropout(p)
+
+
+_FUNCTIONAL_MODULES = {
+    F.avg_pool2d: _avg_pool2d,
+    torch._C._nn.avg_pool2d: _avg_pool2d,
+    F.max_pool2d: _max_pool2d,
+    torch.max_pool2d: _max_pool2d,
+    F.dropout: _dropout,
+}
+_RESHAPES_FN = {torch.flatten, torch.reshape, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.flatten,
+                torch.Tensor.contiguous, torch.squeeze, torch.unsqueeze}
+_RESHAPE_METHODS = {"flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+
+
+def _shape(node) -> Optional[torch.Size]:
+    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return getattr(tm, "shape", None)
+
+
+class _Canonicalizer:
+    def __init__(self, gm0: fx.GraphModule, root: nn.Module, lead: int, T: int, N: int):
+        self.gm0, self.root, self.T, self.N = gm0, root, T, N
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.lead: dict[fx.Node, int] = {}  # leading (time/batch) dims of each node's value
+        self.input_lead = lead
+        self.modules = dict(root.named_modules())
+        self.containers = _container_types()
+        self.count = 0
+
+    def _copy_meta(self, new: fx.Node, old: fx.Node, path: str, shape, lead: int):
+        if "stack_trace" in old.meta:
+            new.meta["stack_trace"] = old.meta["stack_trace"]
+        new.meta["fxlava_path"] = path
+        if shape is not None:
+            new.meta["fxlava_shape"] = tuple(shape[lead:])
+
+    def _add_module(self, module: nn.Module, hint: str) -> str:
+        self.count += 1
+        name = f"_fxlava_{hint}_{self.count}"
+        self.root.add_module(name, module)
+        return name
+
+    def _emit_module(self, target: str, arg: fx.Node, old: fx.Node, path: str, shape, lead: int) -> fx.Node:
+        new = self.graph.call_module(target, (arg,))
+        self._copy_meta(new, old, path, shape, lead)
+        return new
+
+    def _expand(self, target: str, arg: fx.Node, old: fx.Node, lead: int) -> fx.Node:
+        """Emit a container's children in order (the container's own shape is the last child's)."""
+        m = self.modules[target]
+        children = [(n, c) for n, c in m.named_children() if c is not None]
+        out = arg
+        for i, (name, child) in enumerate(children):
+            sub = f"{target}.{name}"
+            shape = _shape(old) if i == len(children) - 1 else None
+            if isinstance(child, self.containers):
+                out = self._expand(sub, out, old, lead)
+            else:
+                out = self._emit_module(sub, out, old, sub, shape, lead)
+        return out
+
+    def _reshape(self, node: fx.Node) -> Optional[tuple]:
+        """Classify a reshape: ('flatten'|'identity', new lead) or None if it mixes dims."""
+        src = node.args[0]
+        if not isinstance(src, fx.Node):
+            return None
+        si, so = _shape(src), _shape(node)
+        if si is None or so is None:
+            return None
+        lead = self.lead.get(src, self.input_lead)
+        if lead == 2 and len(so) >= 1 and so[0] == si[0] * si[1] and tuple(so[1:]) == tuple(si[2:]):
+            return ("identity", 1)  # [T, N, *] -> [T*N, *]
+        if lead == 1 and self.input_lead == 2 and len(so) >= 2 and tuple(so[:2]) == (self.T, self.N) \
+                and tuple(so[2:]) == tuple(si[1:]) and si[0] == self.T * self.N:
+            return ("identity", 2)  # [T*N, *] -> [T, N, *]
+        if tuple(so[:lead]) == tuple(si[:lead]):
+            if tuple(so) == tuple(si):
+                return ("identity", lead)
+            if len(so) == lead + 1 and so[lead] == math.prod(si[lead:]):
+                return ("flatten", lead)
+        return None
+
+    def run(self) -> fx.Graph:
+        for node in self.gm0.graph.nodes:
+            if node.op == "placeholder":
+                new = self.graph.placeholder(node.name)
+                new.meta.update(node.meta)
+                self.env[node], self.lead[node] = new, self.input_lead
+                shape = _shape(node)
+                new.meta["fxlava_shape"] = tuple(shape[self.input_lead:]) if shape is not None else None
+                new.meta["fxlava_path"] = ""
+                continue
+            if node.op == "output":
+                self.graph.output(fx.map_arg(node.args[0], lambda n: self.env[n]))
+                continue
+            arg0 = node.args[0] if node.args else None
+            lead = self.lead.get(arg0, self.input_lead) if isinstance(arg0, fx.Node) else self.input_lead
+            if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+                m = self.modules[node.target]
+                if isinstance(m, self.containers):
+                    self.env[node] = self._expand(node.target, self.env[arg0], node, lead)
+                else:
+                    self.env[node] = self._emit_module(node.target, self.env[arg0], node, node.target, _shape(node), lead)
+                self.lead[node] = lead
+                continue
+            is_reshape = (node.op == "call_function" and node.target in _RESHAPES_FN) or (
+                node.op == "call_method" and node.target in _RESHAPE_METHODS)
+            if is_reshape:
+                kind = self._reshape(node)
+                if kind is not None:
+                    what, new_lead = kind
+                    if what == "identity":
+                        self.env[node] = self.env[arg0]
+                    else:
+                        target = self._add_module(nn.Flatten(1), "flatten")
+                        self.env[node] = self._emit_module(target, self.env[arg0], node, "", _shape(node), new_lead)
+                    self.lead[node] = new_lead
+                    continue
+            if node.op == "call_function" and node.target in _FUNCTIONAL_MODULES and isinstance(arg0, fx.Node):
+                try:
+                    bound = inspect.signature(_FUNCTIONAL_MODULES[node.target]).bind(*node.args, **node.kwargs)
+                    consts = [v for k, v in bound.arguments.items() if k != "x"]
+                    if not any(isinstance(v, fx.Node) for v in consts):
+                        module = _FUNCTIONAL_MODULES[node.target](*node.args, **node.kwargs)
+                        target = self._add_module(module, node.target.__name__)
+                        self.env[node] = self._emit_module(target, self.env[arg0], node, "", _shape(node), lead)
+                        self.lead[node] = lead
+                        continue
+                except TypeError:
+                    pass
+            # anything else stays as it is; unsupported_nodes() reports it
+            new = self.graph.node_copy(node, lambda n: self.env[n])
+            self._copy_meta(new, node, node.target if node.op == "call_module" else "", _shape(node), lead)
+            self.env[node], self.lead[node] = new, lead
+        return self.graph
+
+
+def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[fx.GraphModule, str]:
+    """Trace a copy of ``model`` and return its canonical per-step GraphModule and the model's step mode.
+
+    The user's model is never modified: tracing, shape propagation and every rewrite act on a
+    deep copy, whose neuron states are reset before and after the example run.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxlava.compile expects a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 3:
+        raise ValueError(
+            f"example_input must be a tensor of spikes shaped [T, N, *] (SpikingJelly's multi-step layout); "
+            f"got {tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input).__name__}"
+        )
+    step_mode = detect_step_mode(model)
+    root = copy.deepcopy(model).eval()
+    reset_states(root)
+    try:
+        graph = SpikingTracer().trace(root)
+    except Exception as exc:
+        raise FxlavaError(
+            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
+            f"fix: keep forward() free of data-dependent Python control flow (if/for on tensor values); "
+            f"wrap such code in a module and keep it out of the network that goes to Loihi"
+        ) from exc
+    gm0 = fx.GraphModule(root, graph)
+    T, N = example_input.shape[:2]
+    lead = 2 if step_mode == "m" else 1
+    x0 = example_input if step_mode == "m" else example_input[0]
+    try:
+        with torch.no_grad():
+            ShapeProp(gm0).propagate(x0.to(torch.float32))
+    except Exception as exc:
+        raise FxlavaError(
+            f"running {type(model).__name__} on the example input {tuple(example_input.shape)} failed "
+            f"({type(exc).__name__}: {exc}); fix: pass an example input shaped [T, N, *] that the model accepts "
+            f"in its step mode ('{step_mode}')"
+        ) from exc
+    finally:
+        reset_states(root)
+    graph = _Canonicalizer(gm0, root, lead, T, N).run()
+    _set_single_step(root)
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    gm.graph.eliminate_dead_code()  # shape queries (x.shape[0]) that only fed removed reshapes
+    gm.recompile()
+    gm.meta["fxlava_step_mode"] = step_mode
+    return gm, step_mode
+
+
+def chain_issues(gm: fx.GraphModule) -> list[Issue]:
+    """netx needs a straight chain of layers: report every branch, merge or extra input/output."""
+    g = nx.DiGraph()
+    nodes = [n for n in gm.graph.nodes if n.op != "get_attr"]
+    for n in nodes:
+        g.add_node(n)
+        for u in n.users:
+            if u.op != "get_attr":
+                g.add_edge(n, u)
+    issues = []
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        issues.extend(issue_at(n, "the network must have exactly one input", "give forward() a single tensor argument")
+                      for n in placeholders[1:])
+    for n in nodes:
+        if n.op == "output":
+            if any(isinstance(a, (tuple, list, dict)) for a in n.args):
+                issues.append(issue_at(n, "the network must return a single tensor",
+                                       "return one tensor from forward(); compute extra outputs outside the model"))
+            continue
+        if g.out_degree(n) > 1:
+            users = ", ".join(u.meta.get("fxlava_path") or u.name for u in n.users)
+            issues.append(issue_at(n, "a branch: netx runs only a straight chain of layers",
+                                   f"this output feeds {g.out_degree(n)} nodes ({users}); "
+                                   f"rewrite the model as a single chain (residual and branching graphs are not lowered yet)",
+                                   module=gm.get_submodule(n.target) if n.op == "call_module" else None))
+        node_inputs = [a for a in n.all_input_nodes if a.op != "get_attr"]
+        if len(node_inputs) > 1:
+            ins = ", ".join(a.meta.get("fxlava_path") or a.name for a in node_inputs)
+            issues.append(issue_at(n, "a merge: netx runs only a straight chain of layers",
+                                   f"this node combines {len(node_inputs)} inputs ({ins}); rewrite the model as a single chain",
+                                   module=gm.get_submodule(n.target) if n.op == "call_module" else None))
+    for cycle in list(nx.simple_cycles(g))[:1]:  # fx graphs are acyclic; kept as a guard for user passes
+        issues.append(Issue(reason="a loop in the graph", fix="remove the cycle",
+                            node=" -> ".join(n.name for n in cycle)))
+    return issues
+
+
+def run_per_step(gm: fx.GraphModule, x_seq: torch.Tensor) -> torch.Tensor:
+    """Run a canonical (per-step) graph over a [T, N, *] sequence from the resting state."""
+    reset_states(gm)
+    try:
+        return torch.stack([gm(x_seq[t]) for t in range(x_seq.shape[0])])
+    finally:
+        reset_states(gm)

@@ -1,0 +1,29 @@
+"""fxlava's built-in passes, one module each, run in the order of ``DEFAULT_PASSES``.
+
+Each is written only against fxlava's pass API (``fxlava.pass_manager``, ``fxlava.rewrite``,
+``fxlava.errors``), so each is also an example of a user pass.
+"""
+from fxlava.pass_manager import Pass, Pipeline
+from fxlava.passes.avgpool_to_sumpool import avgpool_to_sumpool
+from fxlava.passes.fuse_blocks import fuse_blocks
+from fxlava.passes.insert_layout import insert_layout
+from fxlava.passes.reject_bias import reject_bias
+from fxlava.passes.remove_identities import remove_identities
+from fxlava.passes.substitute_neurons import substitute_neurons
+
+DEFAULT_PASSES = (
+    Pass("remove_identities", remove_identities),
+    Pass("reject_bias", reject_bias, reject_bias.check),
+    Pass("avgpool_to_sumpool", avgpool_to_sumpool, avgpool_to_sumpool.check),
+    Pass("substitute_neurons", substitute_neurons, substitute_neurons.check),
+    Pass("fuse_blocks", fuse_blocks),
+    Pass("insert_layout", insert_layout),
+)
+
+
+def default_pipeline() -> Pipeline:
+    """A fresh copy of the built-in pipeline, to edit with insert_before/insert_after/replace/remove."""
+    return Pipeline(DEFAULT_PASSES)
+
+
+__all__ = ["DEFAULT_PASSES", "default_pipeline"]

@@ -1,0 +1,195 @@
+"""avgpool_to_sumpool: Loihi sums, it does not average. Move each pool's 1/k^2 where it is exact.
+
+* pool -> conv: merged into one conv (kernel = the conv kernel spread over the pool windows,
+  stride and padding multiplied by the pool stride), weights scaled by 1/k^2.
+* pool -> flatten -> linear: merged into one dense layer over the unpooled input, weights
+  scaled by 1/k^2 (the flatten moves before it).
+* pool -> spiking neuron: a sum pool (a grouped conv with a ones kernel, which netx loads)
+  and the neuron's threshold multiplied by k^2; for a neuron with reset to 0 whose dynamics
+  are linear in its input (IF, LIF) this is the same neuron in real arithmetic.
+
+Unlike SpikingJelly's ``to_lava_blocks``, the factor comes from the pool itself and reaches
+conv and dense layers alike.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from fxlava.errors import FxlavaError, Issue, UnsupportedModelError, issue_at
+from fxlava.pass_manager import CompileContext, PassResult
+from fxlava.rewrite import bypass, module_of, next_module_node, path_of, set_module
+from fxlava.rules import AVG_POOLS, FLATTENS
+
+PASS = "avgpool_to_sumpool"
+
+
+@dataclass
+class _Plan:
+    pool: fx.Node
+    action: str  # 'conv', 'dense' or 'neuron'
+    factor: float
+    consumer: Optional[fx.Node] = None
+    flatten: Optional[fx.Node] = None
+
+
+def _out_size(n, k, s, p, ceil):
+    f = math.ceil if ceil else math.floor
+    return f((n + 2 * p - k) / s) + 1
+
+
+def _plan(gm: fx.GraphModule) -> tuple[list[_Plan], list[Issue]]:
+    plans, issues = [], []
+    for node in gm.graph.nodes:
+        pool = module_of(gm, node)
+        if not isinstance(pool, AVG_POOLS):
+            continue
+        k, s, p = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding)
+        shape_in = node.args[0].meta.get("fxlava_shape")
+        if pool.ceil_mode and shape_in is not None and any(
+                _out_size(shape_in[1 + d], k[d], s[d], p[d], True) != _out_size(shape_in[1 + d], k[d], s[d], p[d], False)
+                for d in range(2)):
+            issues.append(issue_at(node, "an average pool whose ceil_mode makes partial windows (not a constant 1/k^2)",
+                                   "use ceil_mode=False, or input sizes the pool divides exactly", module=pool))
+            continue
+        if any(p) and not pool.count_include_pad:
+            issues.append(issue_at(node, "a padded average pool with count_include_pad=False (not a constant 1/k^2)",
+                                   "use count_include_pad=True or padding=0", module=pool))
+            continue
+        factor = 1.0 / (pool.divisor_override or k[0] * k[1])
+        user = next_module_node(node)
+        um = module_of(gm, user) if user is not None else None
+        if isinstance(um, nn.Conv2d) and not any(p):
+            plans.append(_Plan(node, "conv", factor, user))
+        elif isinstance(um, FLATTENS) and not any(p):
+            user2 = next_module_node(user)
+            if isinstance(module_of(gm, user2) if user2 is not None else None, nn.Linear):
+                plans.append(_Plan(node, "dense", factor, user2, flatten=user))
+            else:
+                issues.append(issue_at(node, "an average pool followed by flatten but not by a linear layer",
+                                       "follow pool -> flatten with nn.Linear(..., bias=False)", module=pool))
+        elif um is not None and hasattr(um, "v_threshold"):
+            plans.append(_Plan(node, "neuron", factor, user))
+        else:
+            what = "a padded pool before a synapse" if um is not None and any(p) else "a pool that feeds no synapse or neuron"
+            issues.append(issue_at(node, f"an average pool that cannot become a Loihi layer ({what})",
+                                   "an average pool must feed a conv, a flatten + linear, or a spiking neuron "
+                                   "(with padding=0 if it feeds a synapse)", module=pool))
+    return plans, issues
+
+
+def check(gm: fx.GraphModule, ctx: CompileContext):
+    """Issues for average pools that have no exact sum-pool form."""
+    return _plan(gm)[1]
+
+
+def _spread(w: torch.Tensor, k, stride) -> torch.Tensor:
+    """w[..., j] -> w'[..., stride*j + a] summed over the pool window a < k (per spatial dim)."""
+    lead = w.shape[:-2]
+    flat = w.reshape(-1, 1, *w.shape[-2:])
+    ones = torch.ones(1, 1, *k, dtype=w.dtype)
+    out = F.conv_transpose2d(flat, ones, stride=stride)
+    return out.reshape(*lead, *out.shape[-2:])
+
+
+def _merge_conv(pool: nn.AvgPool2d, conv: nn.Conv2d, factor: float, shape_in) -> nn.Conv2d:
+    k, s = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise FxlavaError(f"conv with padding={conv.padding!r}, padding_mode={conv.padding_mode!r} after a pool")
+    P, S, D = _pair(conv.padding), _pair(conv.stride), _pair(conv.dilation)
+    if any(P):
+        hp = [(shape_in[1 + d] - k[d]) // s[d] + 1 for d in range(2)]
+        if any(s[d] * hp[d] < shape_in[1 + d] for d in range(2)):
+            raise FxlavaError("the pool drops a border of its input and the conv pads; the merged conv would read "
+                              "that border")
+    with torch.no_grad():
+        w = _spread(conv.weight.detach(), k, (s[0] * D[0], s[1] * D[1])) * factor
+    merged = nn.Conv2d(conv.in_channels, conv.out_channels, tuple(w.shape[-2:]), stride=(s[0] * S[0], s[1] * S[1]),
+                       padding=(s[0] * P[0], s[1] * P[1]), groups=conv.groups, bias=False)
+    with torch.no_grad():
+        merged.weight.copy_(w)
+    return merged
+
+
+def _merge_dense(pool: nn.AvgPool2d, linear: nn.Linear, factor: float, shape_in) -> nn.Linear:
+    k, s = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
+    c, h, w_ = shape_in
+    hp, wp = (h - k[0]) // s[0] + 1, (w_ - k[1]) // s[1] + 1
+    with torch.no_grad():
+        w = linear.weight.detach().reshape(linear.out_features, c, hp, wp)
+        w = _spread(w, k, s)
+        # the border a pool drops (input size not a multiple of its stride) gets zero weight
+        w = F.pad(w, (0, w_ - w.shape[-1], 0, h - w.shape[-2])) * factor
+    merged = nn.Linear(c * h * w_, linear.out_features, bias=False)
+    with torch.no_grad():
+        merged.weight.copy_(w.reshape(linear.out_features, -1))
+    return merged
+
+
+def _self_check(before, after, shape_in, name):
+    """The merge is exact in real arithmetic; check it on random data so a wrong merge cannot pass silently."""
+    x = torch.rand(2, *shape_in, dtype=torch.float64)
+    with torch.no_grad():
+        a, b = before(x), after(x)
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-9, atol=1e-9):
+        raise FxlavaError(f"internal error: merging the pool into {name} changed the result")
+
+
+def avgpool_to_sumpool(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+    """Turn average pools into sum pools, moving 1/k^2 into the next synapse or threshold."""
+    plans, issues = _plan(gm)
+    if issues:
+        raise UnsupportedModelError(issues)
+    for plan in plans:
+        pool = module_of(gm, plan.pool)
+        shape_in = plan.pool.args[0].meta["fxlava_shape"]
+        if plan.action in ("conv", "dense"):
+            old = module_of(gm, plan.consumer)
+            try:
+                if plan.action == "conv":
+                    new = _merge_conv(pool, old, plan.factor, shape_in)
+                    before = lambda x: F.conv2d(F.avg_pool2d(x, pool.kernel_size, pool.stride, 0,
+                                                             divisor_override=pool.divisor_override),
+                                                old.weight.double(), None, old.stride, old.padding, old.dilation, old.groups)
+                    after = lambda x: F.conv2d(x, new.weight.double(), None, new.stride, new.padding, 1, new.groups)
+                else:
+                    new = _merge_dense(pool, old, plan.factor, shape_in)
+                    before = lambda x: F.linear(F.avg_pool2d(x, pool.kernel_size, pool.stride, 0,
+                                                             divisor_override=pool.divisor_override).flatten(1),
+                                                old.weight.double())
+                    after = lambda x: F.linear(x.flatten(1), new.weight.double())
+            except FxlavaError as exc:
+                raise UnsupportedModelError([issue_at(plan.pool, "an average pool that cannot be merged into the next "
+                                                      "synapse", f"{exc}; change the padding of {path_of(plan.consumer)} "
+                                                      f"or the pool", module=pool)]) from None
+            _self_check(before, after, shape_in, path_of(plan.consumer))
+            set_module(gm, plan.consumer.target, new)
+            plan.consumer.meta["fxlava_merged_pool"] = path_of(plan.pool)
+            if plan.flatten is not None:
+                plan.flatten.meta["fxlava_shape"] = (math.prod(shape_in),)
+            ctx.record(PASS, f"merged {path_of(plan.pool)} into {path_of(plan.consumer)} (weights x {plan.factor:g})")
+            bypass(gm, plan.pool)
+        else:
+            k, s, p = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding)
+            c = shape_in[0]
+            sumpool = nn.Conv2d(c, c, k, stride=s, padding=p, groups=c, bias=False)
+            with torch.no_grad():
+                sumpool.weight.fill_(1.0)
+            sumpool.weight.requires_grad_(False)  # a sum pool has no trainable weights
+            set_module(gm, plan.pool.target, sumpool)
+            plan.pool.meta["fxlava_kind"] = "sumpool"
+            neuron = module_of(gm, plan.consumer)
+            neuron.v_threshold = neuron.v_threshold / plan.factor
+            ctx.record(PASS, f"{path_of(plan.pool)} -> sum pool; threshold of {path_of(plan.consumer)} x {1 / plan.factor:g}")
+    gm.graph.eliminate_dead_code()
+    return PassResult(gm, bool(plans))
+
+
+avgpool_to_sumpool.check = check

@@ -1,0 +1,29 @@
+"""reject_bias: Loihi CUBA blocks in netx have no synaptic bias; refuse every biased synapse at once."""
+import torch.fx as fx
+
+from fxlava.errors import UnsupportedModelError, issue_at
+from fxlava.pass_manager import CompileContext, PassResult
+from fxlava.rewrite import module_nodes
+from fxlava.rules import SYNAPSES
+
+REASON = "a synapse with a bias (Loihi blocks exported to netx have no bias)"
+
+
+def check(gm: fx.GraphModule, ctx: CompileContext):
+    """One issue per synapse whose bias is not None."""
+    return [
+        issue_at(node, REASON, f"construct it with bias=False (e.g. {type(m).__name__}(..., bias=False)) and retrain, "
+                               f"or fold the bias into the next layer's threshold yourself", module=m)
+        for node, m in module_nodes(gm, SYNAPSES) if m.bias is not None
+    ]
+
+
+def reject_bias(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+    """Refuse every conv/linear synapse that has a bias, naming them all."""
+    issues = check(gm, ctx)
+    if issues:
+        raise UnsupportedModelError(issues)
+    return PassResult(gm, False)
+
+
+reject_bias.check = check
