@@ -17,6 +17,12 @@ numpy 1.x, ``install()`` changes nothing):
    conv -> flatten -> dense network fails inside a Lava worker. Under numpy >= 2 the call
    goes through a module-level helper that passes the shape positionally.
 
+4. ``lava.magma.runtime.message_infrastructure.multiprocessing`` calls
+   ``mp.set_start_method('fork')`` at import time, which raises "context has already been
+   set" if anything in the process asked for the start method first (``get_start_method()``
+   fixes the default). It is rewritten to ``set_start_method('fork', force=True)``: the same
+   method Lava needs, without the import-order trap. This one is not specific to 3.11.
+
 The rewritten modules are compiled in memory from the genuine source; nothing is written
 to site-packages (the wheels' RECORD hashes still verify). Lava forks its workers, so the
 import hook installed in the parent process is inherited by them.
@@ -66,6 +72,14 @@ def _rewrite_reshape_keyword(source: str) -> str:
     )
 
 
+def _rewrite_start_method(source: str) -> str:
+    """``mp.set_start_method('fork')`` -> ``force=True`` (importing Lava after anything touched the method)."""
+    rewritten, count = re.subn(r"mp\.set_start_method\('fork'\)", "mp.set_start_method('fork', force=True)", source)
+    if count == 0:
+        raise ImportError("fxlava.compat: multiprocessing.py no longer calls mp.set_start_method('fork')")
+    return rewritten
+
+
 @dataclass(frozen=True)
 class SourcePatch:
     """A source rewrite applied to one module when ``needed()`` is true."""
@@ -88,6 +102,12 @@ PATCHES = (
         lambda: _numpy_major() >= 2,
         _rewrite_reshape_keyword,
         "numpy 2.4 removed np.reshape(newshape=...)",
+    ),
+    SourcePatch(
+        "lava.magma.runtime.message_infrastructure.multiprocessing",
+        lambda: sys.platform != "win32",
+        _rewrite_start_method,
+        "set_start_method('fork') at import fails once the start method is fixed",
     ),
 )
 

@@ -109,7 +109,8 @@ def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pi
     up_front = frontend.chain_issues(gm)
     # with user passes in the pipeline, an unknown node may be theirs to lower: leave it to fuse_blocks
     if pipeline.names == default.names:
-        up_front += _known_node_issues(gm)
+        reported = {i.node for i in up_front}
+        up_front += [i for i in _known_node_issues(gm) if i.node not in reported]
     pipeline.check(gm, ctx, extra=up_front)
     gm = pipeline.run(gm, ctx)
     return CompiledNetwork(gm, ctx, pipeline)
