@@ -138,7 +138,8 @@ def _self_check(before, after, shape_in, name):
     x = torch.rand(2, *shape_in, dtype=torch.float64)
     with torch.no_grad():
         a, b = before(x), after(x)
-    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-9, atol=1e-9):
+    # float32 weights times 1/k^2 (not a binary fraction for k=3) round at ~1e-8
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
         raise FxlavaError(f"internal error: merging the pool into {name} changed the result")
 
 
@@ -189,6 +190,7 @@ def avgpool_to_sumpool(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
             neuron.v_threshold = neuron.v_threshold / plan.factor
             ctx.record(PASS, f"{path_of(plan.pool)} -> sum pool; threshold of {path_of(plan.consumer)} x {1 / plan.factor:g}")
     gm.graph.eliminate_dead_code()
+    gm.recompile()
     return PassResult(gm, bool(plans))
 
 

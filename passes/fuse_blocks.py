@@ -58,5 +58,6 @@ def fuse_blocks(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     if issues:
         raise UnsupportedModelError(issues)
     gm.delete_all_unused_submodules()
+    gm.recompile()
     ctx.record(PASS, f"{len(fused)} blocks: " + ", ".join(type(module_of(gm, n)).__name__ for n in fused))
     return PassResult(gm, bool(fused))

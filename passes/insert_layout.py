@@ -24,4 +24,5 @@ def insert_layout(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     with graph.inserting_before(out):
         to_tnx = graph.call_function(NXT_to_TNX, (result,))
     out.args = (to_tnx,)
+    gm.recompile()
     return PassResult(gm, True)

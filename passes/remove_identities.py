@@ -21,4 +21,5 @@ def remove_identities(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     if removed:
         ctx.record("remove_identities", f"removed {', '.join(removed)}")
     gm.graph.eliminate_dead_code()
+    gm.recompile()
     return PassResult(gm, bool(removed))
