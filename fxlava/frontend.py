@@ -218,6 +218,14 @@ class _Canonicalizer:
                 m = self.modules[node.target]
                 if isinstance(m, self.containers):
                     self.env[node] = self._expand(node.target, self.env[arg0], node, lead)
+                elif isinstance(m, nn.Flatten) and self._reshape(node) is not None:
+                    # start_dim depends on the step mode (Flatten(2) on [T, N, C, H, W]); decide by shapes
+                    what, lead = self._reshape(node)
+                    if what == "identity":
+                        self.env[node] = self.env[arg0]
+                    else:
+                        target = self._add_module(nn.Flatten(1), "flatten")
+                        self.env[node] = self._emit_module(target, self.env[arg0], node, node.target, _shape(node), lead)
                 else:
                     self.env[node] = self._emit_module(node.target, self.env[arg0], node, node.target, _shape(node), lead)
                 self.lead[node] = lead
