@@ -1,0 +1,166 @@
+"""fxlava-compile: compile a SpikingJelly model file into a netx file, print what was built, verify it in Lava."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import fxlava
+from fxlava.blocks import SynapseBlock
+from fxlava.rules import WEIGHT_MAX, WEIGHT_MIN, quantize_weight
+
+
+def _load_object(spec: str, what: str):
+    """``path/to/file.py:name`` or ``package.module:name`` -> the named object."""
+    module_part, sep, name = spec.rpartition(":")
+    if not sep or not module_part or not name:
+        raise SystemExit(f"fxlava-compile: {what} must look like path/to/file.py:name or package.module:name; got {spec!r}")
+    if module_part.endswith(".py") or os.sep in module_part:
+        path = Path(module_part)
+        if not path.is_file():
+            raise SystemExit(f"fxlava-compile: no such file: {path}")
+        mod_name = f"_fxlava_user_{path.stem}"
+        spec_ = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec_)
+        sys.modules[mod_name] = module
+        sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
+        spec_.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_part)
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise SystemExit(f"fxlava-compile: {module_part} has no {name!r}") from None
+
+
+def load_model(spec: str, weights: str | None) -> nn.Module:
+    """The nn.Module named by ``spec`` (or returned by calling it), with an optional state dict loaded."""
+    obj = _load_object(spec, "MODEL")
+    model = obj if isinstance(obj, nn.Module) else obj() if callable(obj) else obj
+    if not isinstance(model, nn.Module):
+        raise SystemExit(f"fxlava-compile: {spec} is a {type(model).__name__}, not an nn.Module or a callable returning one")
+    if weights:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    return model
+
+
+def layer_table(net: fxlava.CompiledNetwork) -> str:
+    """One row per netx layer: type, shape, neurons, synapses, neuron parameters, quantisation of weights."""
+    rows = [("#", "layer", "output", "neurons", "synapses", "threshold (vThMant)", "iDecay", "vDecay",
+             "weights float -> quantised", "clipped", "to zero")]
+    rows.append(("0", "input", "x".join(map(str, net.input_shape)), "", "", "", "", "", "", "", ""))
+    for i, (block, slayer_block) in enumerate(zip(net.blocks, net.lava_dl), start=1):
+        if isinstance(block, SynapseBlock):
+            w = block.synapse.weight.detach()
+            q = quantize_weight(w).detach()
+            shape = tuple(slayer_block.neuron.shape)
+            n = int(torch.tensor(shape).prod())
+            rng = f"[{w.min():.3f}, {w.max():.3f}] -> [{q.min():.3f}, {q.max():.3f}]"
+            clipped = int(((w < WEIGHT_MIN) | (w > WEIGHT_MAX)).sum())
+            zeroed = int(((q == 0) & (w != 0)).sum())
+            nr = block.neuron
+            rows.append((str(i), block.kind, "x".join(map(str, shape)), str(n), str(w.numel()),
+                         f"{nr.threshold:g} ({nr.v_th_mant})", f"{nr.current_decay:g} ({nr.i_decay})",
+                         f"{nr.voltage_decay:g} ({nr.v_decay})", rng, str(clipped), str(zeroed)))
+        else:
+            rows.append((str(i), block.kind, "x".join(map(str, slayer_block.shape)), "", "", "", "", "", "", "", ""))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fxlava-compile", description=__doc__.splitlines()[0])
+    p.add_argument("model", nargs="?", help="path/to/file.py:name or package.module:name (an nn.Module or a "
+                                            "callable returning one)")
+    p.add_argument("--input-shape", help="T,N,C,H,W (or T,N,F): the example input, SpikingJelly multi-step layout")
+    p.add_argument("-o", "--output", help="netx file to write")
+    p.add_argument("--weights", help="state dict saved with torch.save")
+    p.add_argument("--verify", type=int, nargs="?", const=3, default=0, metavar="K",
+                   help="run the written file in Lava's CPU simulator on K random spike inputs (default 3) and "
+                        "compare every spike with lava-dl; exits 1 on any mismatch")
+    p.add_argument("--pass", dest="user_pass", help="FILE.py:fn or module:fn, a pass to insert (with --after/--before)")
+    p.add_argument("--after", help="insert --pass after this pass")
+    p.add_argument("--before", help="insert --pass before this pass")
+    p.add_argument("--print-pipeline", action="store_true", help="list the passes and stop")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random example and verification inputs")
+    p.add_argument("--rate", type=float, default=0.3, help="spike probability of the random inputs")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    return p
+
+
+def _pipeline(args) -> fxlava.Pipeline:
+    pipeline = fxlava.default_pipeline()
+    if args.user_pass:
+        fn = _load_object(args.user_pass, "--pass")
+        if args.after:
+            pipeline = pipeline.insert_after(args.after, fn)
+        elif args.before:
+            pipeline = pipeline.insert_before(args.before, fn)
+        else:
+            pipeline = pipeline.append(fn)
+    return pipeline
+
+
+def run(args) -> int:
+    pipeline = _pipeline(args)
+    if args.print_pipeline:
+        print(pipeline)
+        return 0
+    if not args.model or not args.input_shape or not args.output:
+        raise SystemExit("fxlava-compile: MODEL, --input-shape and -o are required (or --print-pipeline)")
+    try:
+        shape = tuple(int(s) for s in args.input_shape.split(","))
+    except ValueError:
+        raise SystemExit(f"fxlava-compile: --input-shape must be integers like 8,4,1,28,28; got {args.input_shape!r}")
+    g = torch.Generator().manual_seed(args.seed)
+    x = (torch.rand(shape, generator=g) < args.rate).float()
+    model = load_model(args.model, args.weights)
+    net = fxlava.compile(model, x, pipeline=pipeline)
+    print("pipeline:")
+    print(pipeline)
+    print()
+    print(layer_table(net))
+    net.export_hdf5(args.output)
+    print(f"\nwrote {args.output}")
+    if args.verify:
+        xs = (torch.rand(shape[0], args.verify, *shape[2:], generator=g) < args.rate).float()
+        xin = fxlava.TNX_to_NXT(xs)
+        with torch.no_grad():
+            expected = net.lava_dl(xin)
+        got = fxlava.run_lava(args.output, xin, progress=True)
+        same = (got == expected)
+        per_sample = same.flatten(1).all(1)
+        print(f"verify: {int(per_sample.sum())}/{len(per_sample)} samples equal on every spike; "
+              f"{int(same.sum())}/{same.numel()} spikes agree; {int(expected.sum())} output spikes in lava-dl")
+        if not bool(per_sample.all()):
+            print("verify: MISMATCH between Lava and lava-dl", file=sys.stderr)
+            return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    """Console entry point."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except fxlava.FxlavaError as exc:
+        if args.debug:
+            raise
+        print(f"fxlava-compile: {exc}", file=sys.stderr)
+        return 2
+    except (KeyError, ValueError, OSError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        print(f"fxlava-compile: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

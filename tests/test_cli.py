@@ -1,0 +1,76 @@
+"""fxlava-compile through a subprocess, as a user runs it."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+MODEL = textwrap.dedent('''
+    import torch, torch.nn as nn
+    from spikingjelly.activation_based import layer, neuron
+
+    class Net(nn.Module):
+        def __init__(self, bias=False):
+            super().__init__()
+            self.c = layer.Conv2d(1, 4, 3, bias=bias, step_mode="m"); self.s1 = neuron.IFNode(step_mode="m")
+            self.f = layer.Linear(4 * 6 * 6, 5, bias=bias, step_mode="m"); self.s2 = neuron.IFNode(step_mode="m")
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                self.c.weight.copy_(torch.randint(-8, 24, self.c.weight.shape, generator=g) / 32)
+                self.f.weight.copy_(torch.randint(-16, 12, self.f.weight.shape, generator=g) / 64)
+
+        def forward(self, x):
+            return self.s2(self.f(self.s1(self.c(x)).flatten(2)))
+
+    def biased():
+        return Net(bias=True)
+
+    def tag(gm, ctx):
+        """A user pass that only records that it ran."""
+        ctx.record("tag", "user pass ran")
+''')
+
+
+def _run(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "fxlava.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    (tmp_path / "usermodel.py").write_text(MODEL)
+    return tmp_path
+
+
+def test_help(tmp_path):
+    r = _run("--help", cwd=tmp_path)
+    assert r.returncode == 0 and "--verify" in r.stdout and "--input-shape" in r.stdout
+
+
+def test_print_pipeline_with_user_pass(model_dir):
+    r = _run("--print-pipeline", "--pass", "usermodel.py:tag", "--after", "fuse_blocks", cwd=model_dir)
+    assert r.returncode == 0, r.stderr
+    names = [line.split()[1] for line in r.stdout.splitlines() if line.strip()]
+    assert names[names.index("fuse_blocks") + 1] == "tag"
+
+
+@pytest.mark.lava
+def test_compile_and_verify_a_model_outside_the_repository(model_dir):
+    r = _run("usermodel.py:Net", "--input-shape", "8,2,1,8,8", "-o", "out.net", "--verify", "2", cwd=model_dir)
+    assert r.returncode == 0, r.stderr
+    assert (model_dir / "out.net").is_file()
+    assert "verify: 2/2 samples equal on every spike" in r.stdout
+    assert "conv" in r.stdout and "dense" in r.stdout and "vThMant" in r.stdout
+
+
+def test_biased_model_is_refused_cleanly(model_dir):
+    r = _run("usermodel.py:biased", "--input-shape", "8,2,1,8,8", "-o", "bad.net", cwd=model_dir)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert "- c (" in r.stderr and "- f (" in r.stderr and "bias=False" in r.stderr
+    assert sorted(p.name for p in model_dir.iterdir() if not p.name.startswith("__")) == ["usermodel.py"]
+
+
+def test_bad_model_spec(model_dir):
+    r = _run("usermodel.py", "--input-shape", "8,2,1,8,8", "-o", "x.net", cwd=model_dir)
+    assert r.returncode != 0 and "path/to/file.py:name" in r.stderr
