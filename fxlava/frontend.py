@@ -199,6 +199,17 @@ class _Canonicalizer:
                 return ("flatten", lead)
         return None
 
+    def _lower_reshape(self, node: fx.Node, kind: tuple, path: str) -> None:
+        """Drop a T/N merge or split; turn a per-sample flatten into nn.Flatten(1)."""
+        what, lead = kind
+        src = self.env[node.args[0]]
+        if what == "identity":
+            self.env[node] = src
+        else:
+            target = self._add_module(nn.Flatten(1), "flatten")
+            self.env[node] = self._emit_module(target, src, node, path, _shape(node), lead)
+        self.lead[node] = lead
+
     def run(self) -> fx.Graph:
         for node in self.gm0.graph.nodes:
             if node.op == "placeholder":
@@ -218,14 +229,10 @@ class _Canonicalizer:
                 m = self.modules[node.target]
                 if isinstance(m, self.containers):
                     self.env[node] = self._expand(node.target, self.env[arg0], node, lead)
-                elif isinstance(m, nn.Flatten) and self._reshape(node) is not None:
+                elif isinstance(m, nn.Flatten) and (kind := self._reshape(node)) is not None:
                     # start_dim depends on the step mode (Flatten(2) on [T, N, C, H, W]); decide by shapes
-                    what, lead = self._reshape(node)
-                    if what == "identity":
-                        self.env[node] = self.env[arg0]
-                    else:
-                        target = self._add_module(nn.Flatten(1), "flatten")
-                        self.env[node] = self._emit_module(target, self.env[arg0], node, node.target, _shape(node), lead)
+                    self._lower_reshape(node, kind, node.target)
+                    continue
                 else:
                     self.env[node] = self._emit_module(node.target, self.env[arg0], node, node.target, _shape(node), lead)
                 self.lead[node] = lead
@@ -235,13 +242,7 @@ class _Canonicalizer:
             if is_reshape:
                 kind = self._reshape(node)
                 if kind is not None:
-                    what, new_lead = kind
-                    if what == "identity":
-                        self.env[node] = self.env[arg0]
-                    else:
-                        target = self._add_module(nn.Flatten(1), "flatten")
-                        self.env[node] = self._emit_module(target, self.env[arg0], node, "", _shape(node), new_lead)
-                    self.lead[node] = new_lead
+                    self._lower_reshape(node, kind, "")
                     continue
             if node.op == "call_function" and node.target in _FUNCTIONAL_MODULES and isinstance(arg0, fx.Node):
                 try:
