@@ -25,11 +25,15 @@ class SynapseBlock(nn.Module):
             raise TypeError(f"SynapseBlock takes nn.Conv2d or nn.Linear; got {type(synapse).__name__}")
         if synapse.bias is not None:
             raise ValueError("Loihi blocks have no bias; the reject_bias pass should have refused this synapse")
+        if isinstance(synapse, nn.Conv2d) and (isinstance(synapse.padding, str) or (
+                synapse.padding_mode != "zeros" and any(synapse.padding))):
+            raise ValueError(f"netx convs pad each side with zeros by a number of pixels; got padding={synapse.padding!r}, "
+                             f"padding_mode={synapse.padding_mode!r} (the resolve_conv_padding pass makes it explicit)")
         self.synapse = synapse
         self.neuron = neuron
-        # 'conv', 'dense' or 'sumpool' (a grouped conv with a ones kernel); for tables and the backends
+        # 'conv', 'dense', 'sumpool' or 'maxpool' (grouped convs with a ones kernel); for tables and the backends
         self.kind = kind or ("conv" if isinstance(synapse, nn.Conv2d) else "dense")
-        self.source = tuple(source)  # the user's module paths this block was made from
+        self.source = tuple(dict.fromkeys(source))  # the user's module paths this block was made from
 
     @property
     def quantized_weight(self) -> torch.Tensor:

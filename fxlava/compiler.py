@@ -13,7 +13,7 @@ from fxlava import frontend
 from fxlava.backends.lava_dl import blocks_of, to_lava_dl
 from fxlava.errors import UnsupportedModelError, issue_at
 from fxlava.pass_manager import CompileContext, Pipeline
-from fxlava.rules import AVG_POOLS, FLATTENS, IDENTITIES, SYNAPSES
+from fxlava.rules import AVG_POOLS, FLATTENS, IDENTITIES, MAX_POOLS, NORMS, SYNAPSES
 
 __all__ = ["compile", "CompiledNetwork"]
 
@@ -24,7 +24,8 @@ def _known_node_issues(gm: fx.GraphModule):
     """Nodes that no built-in pass handles (reported up front, together with every other problem)."""
     from spikingjelly.activation_based import base, layer
 
-    known = SYNAPSES + AVG_POOLS + FLATTENS + IDENTITIES + (base.MemoryModule, layer.Dropout)
+    # normalisations and stateful modules: fold_batchnorm and substitute_neurons fold, substitute or refuse them
+    known = SYNAPSES + AVG_POOLS + MAX_POOLS + FLATTENS + IDENTITIES + NORMS + (base.MemoryModule, layer.Dropout)
     issues = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
@@ -44,10 +45,10 @@ def _known_node_issues(gm: fx.GraphModule):
 def _fix_for(m: nn.Module) -> str:
     if isinstance(m, (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.LeakyReLU)):
         return "Loihi layers pass spikes, not activations: replace it with a spiking neuron (IFNode/LIFNode)"
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return "fold the BatchNorm into the preceding synapse's weights before compiling, or remove it"
-    if isinstance(m, nn.MaxPool2d):
-        return "use an average pool (AvgPool2d), which fxlava turns into a sum pool"
+    if isinstance(m, (nn.MaxPool1d, nn.MaxPool3d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool3d)):
+        return "use nn.MaxPool2d after a spiking neuron (a max of spikes is an OR, which fxlava compiles)"
+    if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
+        return "drop it and give the next conv padding= instead (netx pads each side of a conv equally, with zeros)"
     return "remove it from the network that goes to Loihi, or write a pass that lowers it"
 
 
@@ -110,6 +111,8 @@ def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pi
     # with user passes in the pipeline, an unknown node may be theirs to lower: leave it to fuse_blocks
     if pipeline.names == default.names:
         reported = {i.node for i in up_front}
+        # a node a pass's own check refuses is reported once, with that pass's more specific reason
+        reported |= {i.node for p in pipeline if p.check is not None for i in p.check(gm, ctx)}
         up_front += [i for i in _known_node_issues(gm) if i.node not in reported]
     pipeline.check(gm, ctx, extra=up_front)
     gm = pipeline.run(gm, ctx)

@@ -3,7 +3,12 @@
 The canonical form is what the built-in passes read: one node per operation, executed once
 per time step on ``[N, *]`` tensors (SpikingJelly's single-step semantics), with
 * SpikingJelly containers (``SeqToANNContainer``, ``MultiStepContainer``,
-  ``StepModeContainer``, ``BlockContainer``) expanded into their children,
+  ``StepModeContainer``, ``BlockContainer``) expanded into their children (also through
+  ``nn.Sequential`` children); neurons inside them count in the step mode the container
+  feeds them from outside, and what SpikingJelly would run differently from this per-step
+  form (a neuron in a container that merges time into the batch, nested step containers,
+  multi-step modules inside a container, a module with its own forward() inside one) is
+  refused at trace time,
 * every SpikingJelly module set to single-step mode,
 * reshapes that only merge or split the time and batch dimensions removed, reshapes that
   flatten one sample turned into ``nn.Flatten`` modules, and functional pooling / dropout
@@ -16,6 +21,7 @@ the user's source line (``meta['stack_trace']``) and its per-sample output shape
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 import math
@@ -39,6 +45,13 @@ def _is_spikingjelly(m: nn.Module) -> bool:
     return type(m).__module__.startswith("spikingjelly.")
 
 
+def _is_neuron_subclass(m: nn.Module) -> bool:
+    """A user's subclass of a SpikingJelly neuron: a leaf, so that substitute_neurons names it."""
+    from spikingjelly.activation_based import neuron
+
+    return isinstance(m, (neuron.BaseNode, neuron.SimpleBaseNode))
+
+
 class SpikingTracer(fx.Tracer):
     """Keeps SpikingJelly neurons, layers and containers (and torch.nn layers) as leaf modules."""
 
@@ -47,7 +60,7 @@ class SpikingTracer(fx.Tracer):
         self.record_stack_traces = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if _is_spikingjelly(m):
+        if _is_spikingjelly(m) or _is_neuron_subclass(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -58,6 +71,11 @@ def _container_types() -> tuple:
     types = (layer.SeqToANNContainer, layer.MultiStepContainer, layer.StepModeContainer)
     block = getattr(lava_exchange, "BlockContainer", None)  # only defined when slayer imports
     return types + ((block,) if block is not None else ())
+
+
+def _is_plain_sequential(m: nn.Module) -> bool:
+    """An nn.Sequential (or subclass) that runs its children in order, with no forward() of its own."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
 
 def _step_modules(model: nn.Module):
@@ -72,20 +90,107 @@ def _is_stateful(m: nn.Module) -> bool:
     return isinstance(m, base.MemoryModule)
 
 
+def _is_recurrent(m: nn.Module) -> bool:
+    """SpikingJelly's recurrent containers (a leaf of the trace, whose output feeds back into its input)."""
+    from spikingjelly.activation_based import layer
+
+    return isinstance(m, (layer.ElementWiseRecurrentContainer, layer.LinearRecurrentContainer))
+
+
+def _time_in_batch(m: nn.Module) -> bool:
+    """Containers that run their children once on [T*N, *] (time merged into the batch)."""
+    from spikingjelly.activation_based import layer
+
+    if isinstance(m, layer.SeqToANNContainer):
+        return True
+    return isinstance(m, layer.StepModeContainer) and m.step_mode == "m" and not m.stateful
+
+
+def _feeds_sequences(m: nn.Module) -> bool:
+    """Containers whose children see the whole [T, N, *] sequence from outside, whatever their own step mode."""
+    from spikingjelly.activation_based import layer
+
+    if isinstance(m, (layer.MultiStepContainer, layer.SeqToANNContainer)):
+        return True
+    return isinstance(m, layer.StepModeContainer) and m.step_mode == "m"
+
+
+def _step_container(m: nn.Module) -> bool:
+    """SpikingJelly modules that take [T, N, *] and hand their children one step (or T*N samples) at a time."""
+    from spikingjelly.activation_based import layer
+
+    if isinstance(m, (layer.MultiStepContainer, layer.SeqToANNContainer, layer.TLastMultiStepContainer,
+                      layer.TLastSeqToANNContainer)):
+        return True
+    # StepModeContainer and lava_exchange's BlockContainer: a plain sequence in single-step mode
+    return isinstance(m, _container_types()) and getattr(m, "step_mode", "s") == "m"
+
+
+def _walk_step_modes(model: nn.Module):
+    """Stateful modules with the step mode in which they see time, and the containers that would misfeed them.
+
+    Returns ``(found, issues)``: ``found`` lists (path, module, effective step mode); a neuron inside a
+    MultiStepContainer is in single-step mode but receives [T, N, *] from the outside, so its effective
+    step mode is 'm'. ``issues`` names modules inside a SpikingJelly container that SpikingJelly itself
+    runs differently from the per-step form fxlava compiles: neurons in containers that merge time into
+    the batch, containers nested in containers, multi-step modules inside a container.
+    """
+    from spikingjelly.activation_based import base
+
+    found, issues = [], []
+
+    def issue(path, m, reason, fix):
+        issues.append(Issue(reason=reason, fix=fix, path=path, module_type=f"{type(m).__module__}.{type(m).__qualname__}"))
+
+    def walk(m: nn.Module, prefix: str, inside: Optional[str], merged: Optional[str]):
+        for name, child in m.named_children():
+            if child is None:
+                continue
+            path = f"{prefix}.{name}" if prefix else name
+            if inside is not None and _step_container(child):
+                issue(path, child, "a SpikingJelly step container inside another: it receives one time step "
+                                   "[N, *] (or [T*N, *]) and would take its first dimension for time",
+                      f"put its layers directly in the outer container ({inside}), or move it out of that one")
+            elif inside is not None and isinstance(child, base.StepModule) and not _step_container(child) \
+                    and getattr(child, "step_mode", "s") == "m":
+                issue(path, child, "a multi-step module inside a SpikingJelly container, which feeds its children "
+                                   "one time step at a time",
+                      f"leave it in single-step mode (step_mode='s'), as the container ({inside}) expects")
+            if _is_stateful(child) and not isinstance(child, _container_types()):
+                found.append((path, child, "m" if inside is not None else child.step_mode))
+                if merged is not None:
+                    issue(path, child, "a neuron inside a container that merges time into the batch "
+                                       "(SeqToANNContainer or StepModeContainer(stateful=False, 'm')): it would see "
+                                       "all T steps at once, as one step",
+                          f"move the neuron out of {merged}, or hold it in a layer.MultiStepContainer, which runs "
+                          f"it step by step")
+            if _is_recurrent(child):
+                continue  # SpikingJelly runs its inner modules single-step; substitute_neurons refuses it whole
+            walk(child, path, inside or (path if _feeds_sequences(child) else None),
+                 merged or (path if _time_in_batch(child) else None))
+
+    walk(model, "", None, None)
+    return found, issues
+
+
 def detect_step_mode(model: nn.Module) -> str:
-    """'m' or 's': the step mode of the model's stateful (neuron) modules, which must agree."""
+    """'m' or 's': the step mode in which the model's stateful (neuron) modules see time, which must agree.
+
+    Raises UnsupportedModelError, naming every offending module, for neurons in both modes and
+    for modules that SpikingJelly's containers would feed differently from fxlava's per-step form
+    (see ``_walk_step_modes``).
+    """
     modes = {}
-    for name, m in _step_modules(model):
-        if _is_stateful(m) and not isinstance(m, _container_types()):
-            modes.setdefault(m.step_mode, []).append(name)
+    found, issues = _walk_step_modes(model)
+    for path, m, mode in found:
+        modes.setdefault(mode, []).append(path)
     if len(modes) > 1:
-        s, mm = modes.get("s", []), modes.get("m", [])
-        raise UnsupportedModelError(
-            [Issue(reason="neurons in both single-step and multi-step mode", path=p, module_type="step_mode='s'",
-                   fix="set one step mode for the whole model: functional.set_step_mode(model, 'm')") for p in s]
-            + [Issue(reason="neurons in both single-step and multi-step mode", path=p, module_type="step_mode='m'",
-                     fix="set one step mode for the whole model: functional.set_step_mode(model, 'm')") for p in mm]
-        )
+        fix = "set one step mode for the whole model: functional.set_step_mode(model, 'm')"
+        for mode in ("s", "m"):
+            issues.extend(Issue(reason="neurons in both single-step and multi-step mode", path=p,
+                                module_type=f"step_mode='{mode}'", fix=fix) for p in modes.get(mode, []))
+    if issues:
+        raise UnsupportedModelError(issues)
     if modes:
         return next(iter(modes))
     # no neuron at all: containers of SpikingJelly are multi-step by nature
@@ -145,6 +250,7 @@ class _Canonicalizer:
         self.modules = dict(root.named_modules())
         self.containers = _container_types()
         self.count = 0
+        self.issues: list[Issue] = []
 
     def _copy_meta(self, new: fx.Node, old: fx.Node, path: str, shape, lead: int):
         if "stack_trace" in old.meta:
@@ -172,8 +278,18 @@ class _Canonicalizer:
         for i, (name, child) in enumerate(children):
             sub = f"{target}.{name}"
             shape = _shape(old) if i == len(children) - 1 else None
-            if isinstance(child, self.containers):
+            if isinstance(child, self.containers) or _is_plain_sequential(child):
                 out = self._expand(sub, out, old, lead)
+            elif not _is_spikingjelly(child) and not SpikingTracer().is_leaf_module(child, sub):
+                # a module with its own forward() inside a SpikingJelly container: the container is a
+                # leaf of the trace, so that forward() was never traced
+                issue = issue_at(old, "a module with its own forward() inside a SpikingJelly container, which "
+                                      "fxlava expands child by child without tracing into the children",
+                                 "call it outside the container in forward() (SpikingJelly layers take [T, N, *] "
+                                 "in multi-step mode), or build it from torch.nn / SpikingJelly layers in an "
+                                 "nn.Sequential", module=child)
+                self.issues.append(dataclasses.replace(issue, path=sub))
+                out = self._emit_module(sub, out, old, sub, shape, lead)
             else:
                 out = self._emit_module(sub, out, old, sub, shape, lead)
         return out
@@ -302,13 +418,36 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[fx.GraphModule
         ) from exc
     finally:
         reset_states(root)
-    graph = _Canonicalizer(gm0, root, lead, T, N).run()
+    canonicalizer = _Canonicalizer(gm0, root, lead, T, N)
+    graph = canonicalizer.run()
+    if canonicalizer.issues:
+        raise UnsupportedModelError(canonicalizer.issues)
     _set_single_step(root)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     gm.graph.eliminate_dead_code()  # shape queries (x.shape[0]) that only fed removed reshapes
     gm.recompile()
+    _fill_shapes(gm, example_input[0])
     gm.meta["fxlava_step_mode"] = step_mode
     return gm, step_mode
+
+
+def _fill_shapes(gm: fx.GraphModule, x0: torch.Tensor) -> None:
+    """Per-sample shapes for the nodes the canonical form made up (children inside containers), from one step."""
+    missing = [n for n in gm.graph.nodes if n.op != "output" and n.meta.get("fxlava_shape") is None]
+    if not missing:
+        return
+    reset_states(gm)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(x0.to(torch.float32))
+    except Exception:  # left to the checks: a graph that cannot run per step is reported there
+        return
+    finally:
+        reset_states(gm)
+    for n in missing:
+        shape = _shape(n)
+        if shape is not None:
+            n.meta["fxlava_shape"] = tuple(shape[1:])
 
 
 def chain_issues(gm: fx.GraphModule) -> list[Issue]:

@@ -147,6 +147,11 @@ class CubaNeuron(torch.nn.Module):
         return self._v_decay
 
     @property
+    def firing_voltage(self) -> int:
+        """The least voltage, in units of 1/4096, at which the neuron fires (Loihi: v > 64 vThMant)."""
+        return int(_firing_level(self.v_th_mant, torch.get_default_dtype()) + 0.5)
+
+    @property
     def ref_delay(self) -> int:
         """Refractory delay; slayer's CUBA neuron always reports 1."""
         return 1

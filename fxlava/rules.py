@@ -6,7 +6,7 @@ import torch.nn as nn
 
 __all__ = [
     "WEIGHT_SCALE", "WEIGHT_STEP", "WEIGHT_MIN", "WEIGHT_MAX", "DECAY_SCALE",
-    "quantize_weight", "SYNAPSES", "AVG_POOLS", "MAX_POOLS", "FLATTENS", "IDENTITIES",
+    "quantize_weight", "SYNAPSES", "AVG_POOLS", "MAX_POOLS", "FLATTENS", "NORMS", "IDENTITIES",
 ]
 
 # lava-dl CUBA blocks (and netx) keep weights as 8-bit mantissas at scale 1 << 6: multiples
@@ -41,4 +41,5 @@ SYNAPSES = (nn.Conv2d, nn.Linear)
 AVG_POOLS = (nn.AvgPool2d,)
 MAX_POOLS = (nn.MaxPool2d,)
 FLATTENS = (nn.Flatten,)
+NORMS = (nn.modules.batchnorm._NormBase,)  # BatchNorm & co.: fold_batchnorm folds or refuses them
 IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)

@@ -5,17 +5,23 @@ Each is written only against fxlava's pass API (``fxlava.pass_manager``, ``fxlav
 """
 from fxlava.pass_manager import Pass, Pipeline
 from fxlava.passes.avgpool_to_sumpool import avgpool_to_sumpool
+from fxlava.passes.fold_batchnorm import fold_batchnorm
 from fxlava.passes.fuse_blocks import fuse_blocks
 from fxlava.passes.insert_layout import insert_layout
+from fxlava.passes.maxpool_to_or import maxpool_to_or
 from fxlava.passes.reject_bias import reject_bias
 from fxlava.passes.remove_identities import remove_identities
+from fxlava.passes.resolve_conv_padding import resolve_conv_padding
 from fxlava.passes.substitute_neurons import substitute_neurons
 
 DEFAULT_PASSES = (
     Pass("remove_identities", remove_identities),
     Pass("reject_bias", reject_bias, reject_bias.check),
+    Pass("fold_batchnorm", fold_batchnorm, fold_batchnorm.check),
+    Pass("resolve_conv_padding", resolve_conv_padding, resolve_conv_padding.check),
     Pass("avgpool_to_sumpool", avgpool_to_sumpool, avgpool_to_sumpool.check),
     Pass("substitute_neurons", substitute_neurons, substitute_neurons.check),
+    Pass("maxpool_to_or", maxpool_to_or, maxpool_to_or.check),
     Pass("fuse_blocks", fuse_blocks),
     Pass("insert_layout", insert_layout),
 )

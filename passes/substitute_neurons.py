@@ -1,88 +1,354 @@
-"""substitute_neurons: SpikingJelly IF/LIF neurons -> fxlava's quantised CUBA neuron (Loihi's neuron).
+"""substitute_neurons: SpikingJelly neurons -> fxlava's quantised CUBA neuron (Loihi's neuron).
 
-* ``IFNode(v_reset=0)``                      = CUBA with current_decay=1, voltage_decay=0
-* ``LIFNode(tau, decay_input=False, v_reset=0)`` = CUBA with current_decay=1, voltage_decay=1/tau
+Loihi's CUBA neuron with a hard reset to 0 is, in real arithmetic,
+
+    u[t] = (1 - current_decay) u[t-1] + x[t]
+    v[t] = (1 - voltage_decay) v[t-1] + u[t];   spike and v[t] = 0 when v[t] > threshold
+
+and each SpikingJelly neuron below, with ``v_reset=0.0``, is that neuron:
+
+| SpikingJelly neuron                                | current_decay | voltage_decay | input         |
+|----------------------------------------------------|---------------|---------------|---------------|
+| IFNode, SimpleIFNode                               | 1             | 0             | x             |
+| LIFNode, SimpleLIFNode (decay_input=False)         | 1             | 1/tau         | x             |
+| LIFNode, SimpleLIFNode (decay_input=True)          | 1             | 1/tau         | x / tau       |
+| ParametricLIFNode (decay_input=False / True)       | 1             | sigmoid(w)    | x, x sigmoid(w) |
+| CUBALIFNode(c_decay, v_decay)                      | 1 - c_decay   | 1 - v_decay   | x             |
+| lava_exchange.CubaLIFNode                          | its own 12-bit decays, bit for bit (below)    |
+
+An input scale (``decay_input=True``) goes into the weights of the conv or linear layer that
+feeds the neuron. When nothing of that kind feeds it alone (the sum pool that
+``avgpool_to_sumpool`` makes, whose weights are fixed ones; a synapse module called from
+several places), or with ``fxlava.compile(..., decay_input_scale="threshold")``, the threshold
+is divided by the scale instead: with reset to 0 the neuron is linear in its input, voltage and
+threshold together, so it is the same neuron. Scaled weights keep their range ([-4 tau, 4 tau)
+in the trained weights) and lose resolution (steps of tau * 2/64); a scaled threshold keeps the
+weights' resolution and range [-4, 4).
+
+A ``ParametricLIFNode``'s tau and a learnable ``CubaLIFNode``'s decays are frozen at their
+trained values (recorded, and logged at INFO). ``lava_exchange.CubaLIFNode`` is already Loihi's
+fixed-point neuron: its rounded decays ``round(current_decay) / 4096`` are taken as they are,
+and it is compiled only when it fires at the same integer voltage as Loihi's threshold
+``int(64 v_threshold) / 64`` (true when v_threshold is a multiple of 1/64), with
+``scale=1 << 6`` (netx's) and no ``norm``. SpikingJelly keeps its states in float32: bit for
+bit while they stay below 4096 in magnitude (2**24 units of 1/4096).
 
 The user's surrogate function and ``detach_reset`` are kept, so the compiled graph trains as
-the user's model did. Everything else is refused, all at once, with the reason and a fix.
+the user's model did. Every other neuron and every other stateful module is refused, all at
+once, with the reason and a fix.
 """
 from __future__ import annotations
 
+import logging
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Union
+
+import torch
 import torch.fx as fx
 
 from fxlava.errors import UnsupportedModelError, issue_at
 from fxlava.neuron import CubaNeuron
 from fxlava.pass_manager import CompileContext, PassResult
 from fxlava.rewrite import module_of, path_of, set_module
+from fxlava.rules import SYNAPSES
 
 PASS = "substitute_neurons"
+OPTION = "decay_input_scale"  # fxlava.compile(..., decay_input_scale="weights" | "threshold")
+
+log = logging.getLogger(__name__)
+
+#: Neuron (state) scale of Loihi's CUBA neuron in netx: threshold mantissa = 64 * threshold.
+LOIHI_SCALE = 1 << 6
+
+_FIX_NEURON = ("use neuron.IFNode, LIFNode, ParametricLIFNode, CUBALIFNode or lava_exchange.CubaLIFNode "
+               "with v_reset=0.0 and retrain")
+
+# SpikingJelly neurons (matched by class name along the MRO) and why Loihi's CUBA neuron is not them
+_NO_CUBA_EQUIVALENT = {
+    "QIFNode": "quadratic integrate-and-fire: its charge is quadratic in the voltage",
+    "EIFNode": "exponential integrate-and-fire: its charge is exponential in the voltage",
+    "IzhikevichNode": "an adaptation current and a quadratic voltage term",
+    "AdaptBaseNode": "an adaptation current driven by its own spikes",
+    "RAFNode": "resonate-and-fire: a two-dimensional oscillator, not an integrator",
+    "KLIFNode": "a learnable scale and a ReLU on the voltage before firing",
+    "GatedLIFNode": "learnable gates that mix integration, leak and reset modes",
+    "ComplementaryLIFNode": "a second, complementary membrane potential",
+    "LIAFNode": "it outputs an analog activation, not spikes",
+    "ILIFNode": "integer-valued firing (several spikes per step) with a soft reset",
+    "MPBNBaseNode": "a BatchNorm on the membrane potential",
+    "OTTTLIFNode": "an online-training LIF with training traces (single-step only)",
+    "SLTTLIFNode": "an online-training LIF with training traces (single-step only)",
+    "PSN": "parallel spiking neuron: a learned weighted sum over time steps, not a leaky integrator",
+    "MaskedPSN": "parallel spiking neuron: a learned weighted sum over time steps, not a leaky integrator",
+    "SlidingPSN": "parallel spiking neuron: a learned weighted sum over time steps, not a leaky integrator",
+    "TernaryIFNode": "signed -1/0/+1 spikes; Loihi's spikes are 0/1",
+    "TernaryLIFNode": "signed -1/0/+1 spikes; Loihi's spikes are 0/1",
+    "STBIFNode": "signed, scaled outputs, not 0/1 spikes",
+    "HalfThresholdIFNode": "soft reset and an initial voltage of v_threshold / 2",
+    "ActivationAwareIFNode": "a membrane offset and per-channel thresholds (ANN-to-SNN conversion)",
+    "DSRIFNode": "differentiation-on-spike-representation neuron built for a fixed number of steps",
+    "DSRLIFNode": "differentiation-on-spike-representation neuron built for a fixed number of steps",
+    "NonSpikingBaseNode": "it outputs its membrane potential, not spikes",
+    "NoisyNonSpikingBaseNode": "it outputs its membrane potential, not spikes",
+    "NoisyBaseNode": "random noise in its dynamics",
+    "ILCBaseNode": "its spikes pass through a learnable Conv1d to the next layer",
+    "FewSpikeNode": "few-spike coding: a coding table over several steps",
+    "FlexSN": "user-defined dynamics",
+}
+
+# stateful SpikingJelly modules that are not neurons
+_STATEFUL = {
+    "ElementWiseRecurrentContainer": (
+        "a recurrent container: its output feeds back into its input, and netx runs a straight "
+        "feed-forward chain of layers (fxlava does not lower recurrence)",
+        "remove the recurrence (use the wrapped neuron directly), or run this part of the network off Loihi"),
+    "LinearRecurrentContainer": (
+        "a recurrent container: its output feeds back into its input, and netx runs a straight "
+        "feed-forward chain of layers (fxlava does not lower recurrence)",
+        "remove the recurrence (a Linear layer followed by the wrapped neuron), or run this part of the "
+        "network off Loihi"),
+    "SynapseFilter": (
+        "a synaptic current filter, which fxlava does not merge into the next neuron",
+        "remove it, or use neuron.CUBALIFNode or lava_exchange.CubaLIFNode, whose current decay filters the input"),
+    "Delay": ("a delay line, which fxlava does not lower", "remove it from the network that goes to Loihi"),
+}
 
 
-def _neuron_types():
-    from spikingjelly.activation_based import base, neuron
+@dataclass
+class CubaMapping:
+    """The CUBA neuron equal to a SpikingJelly neuron, fed its input times ``input_scale``."""
 
-    return base.MemoryModule, neuron.BaseNode, neuron.IFNode, neuron.LIFNode
+    threshold: float
+    current_decay: float
+    voltage_decay: float
+    input_scale: Fraction = Fraction(1)  # exact, so that threshold / input_scale rounds once
+    frozen: str = ""  # trained parameters the compiled neuron keeps fixed
 
 
-def _is_neuron(m) -> bool:
-    memory, base_node, *_ = _neuron_types()
-    return isinstance(m, (base_node, memory)) and not isinstance(m, CubaNeuron)
+@dataclass
+class Refusal:
+    reason: str
+    fix: str
 
 
 def _value(x) -> float:
     return float(x.item() if hasattr(x, "item") else x)
 
 
-def cuba_parameters(m):
-    """(threshold, current_decay, voltage_decay) of the CUBA neuron equal to ``m``, or (None, reason, fix)."""
-    _, base_node, if_node, lif_node = _neuron_types()
-    if type(m) not in (if_node, lif_node):
-        name = type(m).__name__
-        return None, f"a neuron fxlava does not compile ({name})", (
-            "use neuron.IFNode or neuron.LIFNode(decay_input=False) with v_reset=0.0; "
-            f"{name} has no Loihi CUBA equivalent in fxlava yet")
-    if m.v_reset is None:
-        return None, "a soft-reset neuron (v_reset=None): Loihi resets the voltage to 0", \
-            "construct the neuron with v_reset=0.0 and retrain"
-    if _value(m.v_reset) != 0.0:
-        return None, f"a neuron with v_reset={_value(m.v_reset)}: Loihi resets the voltage to 0", \
-            "construct the neuron with v_reset=0.0 and retrain"
-    if isinstance(m, lif_node):
-        if m.decay_input:
-            return None, "an LIFNode with decay_input=True (fxlava does not rescale its synapse yet)", \
-                "construct it with decay_input=False and retrain"
-        return (_value(m.v_threshold), 1.0, 1.0 / _value(m.tau)), None, None
-    return (_value(m.v_threshold), 1.0, 0.0), None, None
+def _sj():
+    from spikingjelly.activation_based import base, lava_exchange, neuron
+
+    return base, lava_exchange, neuron
+
+
+def _is_stateful(m) -> bool:
+    """A SpikingJelly neuron or other stateful module that this pass must substitute or refuse."""
+    from spikingjelly.activation_based import layer
+
+    base, _, _ = _sj()
+    if isinstance(m, CubaNeuron) or isinstance(m, layer.Dropout):  # Dropout: remove_identities
+        return False
+    module = type(m).__module__
+    if module.startswith("spikingjelly.activation_based.layer.bn"):  # normalisations: fold_batchnorm
+        return False
+    return isinstance(m, base.MemoryModule) or module.startswith("spikingjelly.activation_based.neuron")
+
+
+def _reset_refusal(m):
+    v_reset = getattr(m, "v_reset", 0.0)
+    if v_reset is None:
+        return Refusal("a soft-reset neuron (v_reset=None): Loihi resets the voltage to 0",
+                       "construct the neuron with v_reset=0.0 and retrain")
+    if _value(v_reset) != 0.0:
+        return Refusal(f"a neuron with v_reset={_value(v_reset)}: Loihi resets the voltage to 0",
+                       "construct the neuron with v_reset=0.0 and retrain")
+    return None
+
+
+def _decay(name, value, lo=0.0, hi=1.0):
+    if not lo <= value <= hi:
+        return Refusal(f"a neuron with {name}={value:g} outside [{lo:g}, {hi:g}]: no Loihi decay equals it",
+                       f"keep {name} in [{lo:g}, {hi:g}]")
+    return None
+
+
+def _cuba_lif_node(m) -> Union[CubaMapping, Refusal]:
+    """lava_exchange.CubaLIFNode: already Loihi's fixed-point neuron; take its integers as they are."""
+    name = type(m).__name__
+    if int(m.scale) != LOIHI_SCALE:
+        return Refusal(f"a CubaLIFNode with scale={m.scale}: netx's CUBA blocks use scale {LOIHI_SCALE}",
+                       f"construct it with scale=1 << 6 ({LOIHI_SCALE}) and retrain")
+    if m.norm is not None:
+        return Refusal(f"a CubaLIFNode with norm={type(m.norm).__name__} (a weight-scale BatchNorm on its "
+                       f"current), which netx does not export", "construct it with norm=None")
+    decays = {}
+    for attr in ("current_decay", "voltage_decay"):
+        d = getattr(m, attr).detach()
+        if d.numel() != 1:
+            return Refusal(f"a CubaLIFNode with one {attr} per neuron (shape {tuple(d.shape)}): Loihi's CUBA "
+                           f"layers share one decay", f"construct it with a scalar {attr}")
+        if m.requires_grad:  # its forward clamps learnable decays
+            d = d.clamp(0.0, float(m.p_scale))
+        integer = torch.round(d.float()).item()  # as its forward: step_quantize(decay), 4096 == 1.0
+        bad = _decay(f"{attr} (in 1/{m.p_scale})", integer, 0.0, float(m.p_scale))
+        if bad:
+            return bad
+        decays[attr] = integer / m.p_scale
+    threshold = _value(m.v_threshold)
+    try:
+        cuba = CubaNeuron(threshold, decays["current_decay"], decays["voltage_decay"])
+    except ValueError as exc:
+        return Refusal(f"a {name} whose threshold Loihi cannot represent ({exc})", "use a threshold in (0, 2048)")
+    # it fires when the float32 voltage v_int / s_scale reaches float32(v_threshold + v_threshold_eps)
+    compared = torch.tensor(threshold + _value(m.v_threshold_eps), dtype=torch.float32).item()
+    fires_at = math.ceil(compared * m.s_scale)
+    if fires_at != cuba.firing_voltage:
+        lo, hi = math.floor(threshold * LOIHI_SCALE), math.floor(threshold * LOIHI_SCALE) + 1
+        return Refusal(f"a CubaLIFNode with v_threshold={threshold:g}, not a multiple of 1/{LOIHI_SCALE}: it fires "
+                       f"from voltage {fires_at}/{m.s_scale}, Loihi (vThMant={cuba.v_th_mant}) from "
+                       f"{cuba.firing_voltage}/{m.s_scale}",
+                       f"use a multiple of 1/{LOIHI_SCALE}, e.g. v_threshold={lo / LOIHI_SCALE:g} or "
+                       f"{hi / LOIHI_SCALE:g}, and retrain")
+    frozen = "learnable decays frozen" if m.requires_grad else ""
+    return CubaMapping(threshold, decays["current_decay"], decays["voltage_decay"], frozen=frozen)
+
+
+def cuba_mapping(m) -> Union[CubaMapping, Refusal]:
+    """The CUBA neuron equal to the SpikingJelly module ``m``, or why there is none and a fix."""
+    from spikingjelly.activation_based import neuron
+
+    _, lava_exchange, _ = _sj()
+    cls, name = type(m), type(m).__name__
+    supported = (neuron.IFNode, neuron.SimpleIFNode, neuron.LIFNode, neuron.SimpleLIFNode,
+                 neuron.ParametricLIFNode, neuron.CUBALIFNode, lava_exchange.CubaLIFNode)
+    if cls not in supported:
+        for base_cls in cls.__mro__:
+            if base_cls.__name__ in _STATEFUL:
+                return Refusal(*_STATEFUL[base_cls.__name__])
+            if base_cls.__name__ in _NO_CUBA_EQUIVALENT:
+                return Refusal(f"a neuron with no Loihi CUBA equivalent ({name}: "
+                               f"{_NO_CUBA_EQUIVALENT[base_cls.__name__]})", _FIX_NEURON)
+            if base_cls in supported:
+                return Refusal(f"a subclass of {base_cls.__name__} ({name}) whose dynamics fxlava cannot verify",
+                               f"use {base_cls.__name__} itself, or write a pass that substitutes {name}")
+        if cls.__module__.startswith("spikingjelly.activation_based.neuron") or isinstance(
+                m, (neuron.BaseNode, neuron.SimpleBaseNode)):
+            return Refusal(f"a neuron with no Loihi CUBA equivalent ({name})", _FIX_NEURON)
+        return Refusal(f"a stateful module fxlava does not compile ({name})",
+                       "remove it from the network that goes to Loihi, or write a pass that lowers it")
+    refusal = _reset_refusal(m)
+    if refusal:
+        return refusal
+    if cls is lava_exchange.CubaLIFNode:
+        return _cuba_lif_node(m)
+    if getattr(m, "lava_s_cale", LOIHI_SCALE) != LOIHI_SCALE:
+        return Refusal(f"a neuron with lava_s_cale={m.lava_s_cale} (the scale of SpikingJelly's own Lava "
+                       f"conversion): netx's CUBA blocks use scale {LOIHI_SCALE}",
+                       f"leave lava_s_cale at 1 << 6 ({LOIHI_SCALE})")
+    threshold = _value(m.v_threshold)
+    if cls in (neuron.IFNode, neuron.SimpleIFNode):
+        mapping = CubaMapping(threshold, 1.0, 0.0)
+    elif cls in (neuron.LIFNode, neuron.SimpleLIFNode):
+        tau = _value(m.tau)
+        if not tau > 1.0:
+            return Refusal(f"an LIF neuron with tau={tau:g} (<= 1)", "use tau > 1")
+        mapping = CubaMapping(threshold, 1.0, 1.0 / tau, 1 / Fraction(tau) if m.decay_input else Fraction(1))
+    elif cls is neuron.ParametricLIFNode:
+        with torch.no_grad():
+            q = _value(m.w.detach().sigmoid())  # SJ: H = V - (V - V_reset) q + X (q X with decay_input)
+        mapping = CubaMapping(threshold, 1.0, q, Fraction(q) if m.decay_input else Fraction(1),
+                              frozen=f"tau = 1/sigmoid(w) frozen at {1.0 / q:.6g}")
+    else:  # neuron.CUBALIFNode: c = c_decay c + x, v = v_decay v + c (decays are the kept fractions)
+        c_decay, v_decay = _value(m.c_decay), _value(m.v_decay)
+        refusal = _decay("c_decay", c_decay) or _decay("v_decay", v_decay)
+        if refusal:
+            return refusal
+        mapping = CubaMapping(threshold, 1.0 - c_decay, 1.0 - v_decay)
+    try:
+        CubaNeuron(mapping.threshold, mapping.current_decay, mapping.voltage_decay)
+    except ValueError as exc:
+        return Refusal(f"a neuron whose parameters Loihi cannot represent ({exc})",
+                       "use a threshold in (0, 2048) and decays in [0, 1]")
+    return mapping
+
+
+def _fed_from_pool(gm, node) -> bool:
+    src = node.args[0] if node.args else None
+    m = module_of(gm, src) if isinstance(src, fx.Node) else None
+    return isinstance(m, torch.nn.AvgPool2d)
 
 
 def check(gm: fx.GraphModule, ctx: CompileContext):
-    """Issues for every stateful module that is not a neuron this pass can substitute."""
+    """Issues for every neuron this pass cannot substitute and every other stateful module."""
+    _, lava_exchange, _ = _sj()
     issues = []
     for node in gm.graph.nodes:
         m = module_of(gm, node)
-        if m is not None and _is_neuron(m):
-            params, reason, fix = cuba_parameters(m)
-            if params is None:
-                issues.append(issue_at(node, reason, fix, module=m))
+        if m is None or not _is_stateful(m):
+            continue
+        result = cuba_mapping(m)
+        if isinstance(result, CubaMapping) and isinstance(m, lava_exchange.CubaLIFNode) and _fed_from_pool(gm, node):
+            result = Refusal("a CubaLIFNode fed by an average pool: its fixed-point arithmetic does not allow "
+                             "moving the pool's 1/k^2 into its threshold",
+                             "put a conv or linear layer after the pool (the pool merges into it), or use IFNode / "
+                             "LIFNode after the pool")
+        if isinstance(result, Refusal):
+            issues.append(issue_at(node, result.reason, result.fix, module=m))
     return issues
 
 
+def _scale_synapse(gm: fx.GraphModule, node: fx.Node, scale: Fraction) -> bool:
+    """Multiply the weights of the conv/linear feeding ``node`` by ``scale``; False if it is not that simple."""
+    src = node.args[0] if node.args else None
+    syn = module_of(gm, src) if isinstance(src, fx.Node) else None
+    if not isinstance(syn, SYNAPSES) or src.meta.get("fxlava_kind") == "sumpool" or len(src.users) != 1:
+        return False
+    if any(n is not src and n.op == "call_module" and n.target == src.target for n in gm.graph.nodes):
+        return False  # a module called from several places: its weights are shared
+    with torch.no_grad():
+        syn.weight.copy_((syn.weight.double() * scale.numerator / scale.denominator).to(syn.weight.dtype))
+    return True
+
+
 def substitute_neurons(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
-    """Replace IF/LIF neurons by quantised CUBA neurons, keeping surrogate and detach_reset."""
+    """Replace SpikingJelly neurons by quantised CUBA neurons, keeping surrogate and detach_reset."""
     issues, changed = check(gm, ctx), []
     if issues:
         raise UnsupportedModelError(issues)
+    where = ctx.options.get(OPTION, "weights")
+    if where not in ("weights", "threshold"):
+        raise ValueError(f"{OPTION}={where!r}: expected 'weights' or 'threshold'")
     for node in gm.graph.nodes:
         m = module_of(gm, node)
-        if m is None or not _is_neuron(m):
+        if m is None or not _is_stateful(m):
             continue
-        threshold, current_decay, voltage_decay = cuba_parameters(m)[0]
-        cuba = CubaNeuron(threshold, current_decay, voltage_decay,
-                          surrogate_function=m.surrogate_function, detach_reset=m.detach_reset)
+        mapping = cuba_mapping(m)
+        threshold, notes = mapping.threshold, []
+        scale = mapping.input_scale
+        if scale != 1:
+            src = path_of(node.args[0])
+            if where == "weights" and _scale_synapse(gm, node, scale):
+                notes.append(f"decay_input: weights of {src} x {float(scale):.6g}")
+            else:
+                threshold = float(Fraction(threshold) / scale)
+                notes.append(f"decay_input: threshold x {float(1 / scale):.6g} (input from {src})")
+        try:
+            cuba = CubaNeuron(threshold, mapping.current_decay, mapping.voltage_decay,
+                              surrogate_function=m.surrogate_function, detach_reset=m.detach_reset)
+        except ValueError as exc:
+            raise UnsupportedModelError([issue_at(node, f"a neuron whose threshold Loihi cannot represent after "
+                                                        f"rescaling ({exc})",
+                                                  "lower the threshold or tau, or compile with "
+                                                  f"{OPTION}='weights'", module=m)]) from None
         set_module(gm, node.target, cuba)
         changed.append(path_of(node))
+        if mapping.frozen:
+            notes.append(mapping.frozen)
+            log.info("%s: %s (%s)", path_of(node), mapping.frozen, type(m).__name__)
         ctx.record(PASS, f"{path_of(node)}: {type(m).__name__} -> CUBA(vThMant={cuba.v_th_mant}, "
-                         f"iDecay={cuba.i_decay}, vDecay={cuba.v_decay})")
+                         f"iDecay={cuba.i_decay}, vDecay={cuba.v_decay})" + "".join(f"; {n}" for n in notes))
     return PassResult(gm, bool(changed))
 
 

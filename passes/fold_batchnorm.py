@@ -1,0 +1,177 @@
+"""fold_batchnorm: a BatchNorm right after a conv or linear synapse becomes part of its weights.
+
+fxlava compiles the model in eval mode, so a BatchNorm normalises with its running statistics,
+also when the user's model is in training mode. Per output channel c it is then the affine map
+
+    y[c] = s[c] x[c] + b[c],   s = gamma / sqrt(running_var + eps),   b = beta - s running_mean
+
+(gamma = 1 and beta = 0 without ``affine``). ``s`` folds into the synapse exactly:
+w'[c] = s[c] w[c]; the folded weights are then quantised like any other. ``b`` is a bias,
+which Loihi blocks exported to netx do not have, so a BatchNorm is folded only when ``b`` is
+exactly 0 in every channel (computed in float64 from its parameters): for example
+``affine=False``, or ``beta = 0``, with a zero ``running_mean``. No tolerance is safe: Loihi
+adds the bias to the synaptic input at every step and truncates that input to multiples of
+1/4096, so any non-zero bias can move a spike. Such a BatchNorm is refused, named, with a fix.
+
+Folded: ``nn.BatchNorm1d`` / ``nn.BatchNorm2d``, SpikingJelly's ``layer.BatchNorm1d`` /
+``layer.BatchNorm2d`` and ``layer.ThresholdDependentBatchNorm1d`` / ``2d`` (a BatchNorm whose
+gamma starts at alpha * v_th: the same map in eval mode), directly after a ``Conv2d`` /
+``Linear`` that feeds nothing else. Refused: any other normalisation (per-time-step,
+membrane-potential, layer, group and instance norms, lava-dl's weight-scale BatchNorm), a
+BatchNorm without running statistics, and a BatchNorm anywhere else.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxlava.errors import Issue, UnsupportedModelError, issue_at
+from fxlava.pass_manager import CompileContext, PassResult
+from fxlava.rewrite import bypass, module_of, path_of, set_module
+from fxlava.rules import SYNAPSES
+
+PASS = "fold_batchnorm"
+
+_FIX_BIAS = ("make the shift 0 and retrain: affine=False (or beta frozen at 0) with running_mean held at 0, "
+             "i.e. a scale-only normalisation; or remove the BatchNorm")
+
+
+@dataclass
+class _Fold:
+    bn: fx.Node
+    synapse: fx.Node
+    scale: torch.Tensor  # float64, one per output channel
+
+
+def _foldable_types() -> tuple:
+    from spikingjelly.activation_based import layer
+
+    return (nn.BatchNorm1d, nn.BatchNorm2d, layer.BatchNorm1d, layer.BatchNorm2d,
+            layer.ThresholdDependentBatchNorm1d, layer.ThresholdDependentBatchNorm2d)
+
+
+def _is_normalisation(m: nn.Module) -> bool:
+    """Every normalisation layer this pass must fold or refuse."""
+    module = type(m).__module__
+    return (isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm))
+            or module.startswith("spikingjelly.activation_based.layer.bn")
+            or (module == "spikingjelly.activation_based.lava_exchange" and "Norm" in type(m).__name__))
+
+
+def _why_not_foldable(m: nn.Module) -> tuple[str, str]:
+    name = type(m).__name__
+    if "TemporalEffective" in name:
+        return (f"a normalisation that scales every time step differently ({name}); a Loihi synapse is the "
+                f"same at every step", "use layer.BatchNorm2d / BatchNorm1d (affine=False) and retrain")
+    if "ThroughTime" in name:
+        return (f"a normalisation with one BatchNorm per time step ({name}); a Loihi synapse is the same at "
+                f"every step", "use layer.BatchNorm2d / BatchNorm1d (affine=False) and retrain")
+    if type(m).__module__ == "spikingjelly.activation_based.lava_exchange":
+        return (f"lava-dl's weight-scale BatchNorm ({name}), whose weight exponent netx does not export",
+                "remove it, or use layer.BatchNorm2d (affine=False) after the synapse and retrain")
+    if "3d" in name or isinstance(m, nn.BatchNorm3d):
+        return (f"a 3-d BatchNorm ({name}); fxlava compiles 2-d convolutions and linear layers only",
+                "use a 2-d network (Conv2d / Linear with BatchNorm2d / BatchNorm1d)")
+    if isinstance(m, _foldable_types()[:2]):
+        return (f"a subclass of a BatchNorm ({name}) whose forward fxlava cannot verify",
+                "use nn.BatchNorm1d / nn.BatchNorm2d (or SpikingJelly's layer.BatchNorm1d / 2d) directly")
+    return (f"a normalisation with no fixed per-channel scale ({name}): it depends on each input or on "
+            f"state, which Loihi synapses cannot compute",
+            "remove it, or use nn.BatchNorm2d / BatchNorm1d (affine=False) right after the synapse, and retrain")
+
+
+def _scale_and_shift(bn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as y = scale x + shift, per channel, in float64."""
+    var = bn.running_var.detach().double()
+    mean = bn.running_mean.detach().double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return scale, beta - scale * mean
+
+
+def _plan(gm: fx.GraphModule) -> tuple[list[_Fold], list[Issue]]:
+    folds, issues = [], []
+    for node in gm.graph.nodes:
+        bn = module_of(gm, node)
+        if bn is None or not _is_normalisation(bn):
+            continue
+        if type(bn) not in _foldable_types():
+            issues.append(issue_at(node, *_why_not_foldable(bn), module=bn))
+            continue
+        src = node.args[0] if node.args else None
+        syn = module_of(gm, src) if isinstance(src, fx.Node) else None
+        if not isinstance(syn, SYNAPSES) or src.meta.get("fxlava_kind") == "sumpool":
+            what = f"after {path_of(src)} ({type(syn).__name__})" if syn is not None else "not after a module"
+            issues.append(issue_at(node, "a BatchNorm not directly after a conv or linear synapse (only there does "
+                                         "it fold into weights)",
+                                   f"it comes {what}; move it right after the Conv2d/Linear whose output it "
+                                   f"normalises, or remove it", module=bn))
+            continue
+        if len(src.users) != 1:
+            issues.append(issue_at(node, "a BatchNorm after a synapse whose output also feeds other nodes (folding "
+                                         "it into the weights would change them too)",
+                                   f"normalise all users of {path_of(src)} or none", module=bn))
+            continue
+        channels = syn.out_channels if isinstance(syn, nn.Conv2d) else syn.out_features
+        if bn.running_mean is None or bn.running_var is None:
+            issues.append(issue_at(node, "a BatchNorm without running statistics (track_running_stats=False): it "
+                                         "normalises with each batch's statistics, which Loihi cannot compute",
+                                   "construct it with track_running_stats=True and retrain", module=bn))
+            continue
+        if bn.num_features != channels:
+            issues.append(issue_at(node, f"a BatchNorm over {bn.num_features} channels after a synapse with "
+                                         f"{channels} outputs", "match num_features to the synapse's outputs",
+                                   module=bn))
+            continue
+        scale, shift = _scale_and_shift(bn)
+        nonzero = torch.count_nonzero(shift).item()
+        if nonzero:
+            issues.append(issue_at(node, "a BatchNorm with a non-zero shift beta - gamma * running_mean / "
+                                         "sqrt(running_var + eps): that is a bias, which Loihi blocks exported to "
+                                         "netx do not have",
+                                   f"{nonzero} of {channels} channels have a shift (largest "
+                                   f"|shift| {shift.abs().max().item():.3g}); {_FIX_BIAS}", module=bn))
+            continue
+        folds.append(_Fold(node, src, scale))
+    return folds, issues
+
+
+def check(gm: fx.GraphModule, ctx: CompileContext):
+    """Issues for every normalisation that is not a shift-free BatchNorm right after a synapse."""
+    return _plan(gm)[1]
+
+
+def fold_batchnorm(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+    """Fold each BatchNorm into the synapse before it (eval mode; refused if it has a shift)."""
+    folds, issues = _plan(gm)
+    if issues:
+        raise UnsupportedModelError(issues)
+    for fold in folds:
+        syn = module_of(gm, fold.synapse)
+        folded = copy.deepcopy(syn)  # a synapse module called from several places keeps its weights there
+        shape = (-1,) + (1,) * (syn.weight.dim() - 1)
+        with torch.no_grad():
+            folded.weight.copy_((syn.weight.detach().double() * fold.scale.reshape(shape)).to(syn.weight.dtype))
+        shared = any(n is not fold.synapse and n.op == "call_module" and n.target == fold.synapse.target
+                     for n in gm.graph.nodes)
+        if shared:
+            target = f"_fxlava_bnfold_{fold.synapse.name}"
+            gm.add_submodule(target, folded)
+            fold.synapse.target = target
+        else:
+            set_module(gm, fold.synapse.target, folded)
+        fold.synapse.meta["fxlava_folded_batchnorm"] = path_of(fold.bn)
+        ctx.record(PASS, f"folded {path_of(fold.bn)} into {path_of(fold.synapse)} (weights x per-channel scale in "
+                         f"[{fold.scale.min().item():.4g}, {fold.scale.max().item():.4g}]; running statistics)")
+        bypass(gm, fold.bn)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return PassResult(gm, bool(folds))
+
+
+fold_batchnorm.check = check
