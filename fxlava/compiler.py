@@ -62,8 +62,9 @@ class CompiledNetwork(nn.Module):
         self.input_shape = tuple(ctx.input_shape)
         self.step_mode = ctx.step_mode
         self.records = list(ctx.records)
-        self._lava_dl = None
-        self._lava_dl_key = None
+        # (weights key, slayer Sequential); a plain dict, so the copy is not registered as a submodule
+        # and net.parameters() / net.state_dict() hold only the trainable graph
+        self._lava_dl_cache: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, N, *] spikes -> [T, N, *] spikes, from the resting state."""
@@ -82,10 +83,9 @@ class CompiledNetwork(nn.Module):
     def lava_dl(self) -> nn.Sequential:
         """An nn.Sequential of slayer blocks, [N, *, T] -> [N, *, T], rebuilt whenever the weights change."""
         key = self._weights_key()
-        if self._lava_dl is None or key != self._lava_dl_key:
-            self._lava_dl = to_lava_dl(self.graph_module, self.input_shape)
-            self._lava_dl_key = key
-        return self._lava_dl
+        if self._lava_dl_cache.get("key") != key:
+            self._lava_dl_cache.update(key=key, net=to_lava_dl(self.graph_module, self.input_shape))
+        return self._lava_dl_cache["net"]
 
     def export_hdf5(self, path: Union[str, os.PathLike]) -> str:
         """Write the netx file (with an input layer) atomically; returns the path."""
