@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fxlava-setup
 
-.PHONY: setup test test-all clean
+.PHONY: setup demo test test-all clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml requirements/torch.txt requirements/base.txt requiremen
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	$(BIN)/python -c "import fxlava, lava.lib.dl.slayer, lava.lib.dl.netx, spikingjelly.activation_based.lava_exchange"
 	touch $(STAMP)
+
+# The main job: the tutorial's trained MNIST CSNN -> netx file -> Lava, with out/demo/rasters.png.
+demo: setup
+	$(BIN)/python -m fxlava.examples.demo --out-dir out/demo
 
 test: setup
 	$(BIN)/python -m pytest

@@ -70,7 +70,10 @@ def layer_table(net: fxlava.CompiledNetwork) -> str:
                          f"{nr.threshold:g} ({nr.v_th_mant})", f"{nr.current_decay:g} ({nr.i_decay})",
                          f"{nr.voltage_decay:g} ({nr.v_decay})", rng, str(clipped), str(zeroed)))
         else:
-            rows.append((str(i), block.kind, "x".join(map(str, slayer_block.shape)), "", "", "", "", "", "", "", ""))
+            shape = tuple(slayer_block.shape)
+            if block.kind == "flatten":  # slayer keeps it as (features, 1, 1)
+                shape = (int(torch.tensor(shape).prod()),)
+            rows.append((str(i), block.kind, "x".join(map(str, shape)), "", "", "", "", "", "", "", ""))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
