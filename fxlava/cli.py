@@ -130,6 +130,9 @@ def run(args) -> int:
     print(pipeline)
     print()
     print(layer_table(net))
+    if net.readout.ops:
+        print(f"\nreadout of the output spikes, run on the host (net.readout), after {net.readout.after}: "
+              + ", ".join(net.readout.ops))
     net.export_hdf5(args.output)
     print(f"\nwrote {args.output}")
     if args.verify:

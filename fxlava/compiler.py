@@ -20,6 +20,10 @@ __all__ = ["compile", "CompiledNetwork"]
 log = logging.getLogger(__name__)
 
 
+# ops that turn a static input into a sequence (x.unsqueeze(0).repeat(T, ...)): an encoder, not a layer
+_ENCODING_OPS = {"unsqueeze", "repeat", "expand", "expand_as", "repeat_interleave", "stack"}
+
+
 def _known_node_issues(gm: fx.GraphModule):
     """Nodes that no built-in pass handles (reported up front, together with every other problem)."""
     from spikingjelly.activation_based import base, layer
@@ -35,6 +39,10 @@ def _known_node_issues(gm: fx.GraphModule):
             if not isinstance(m, known):
                 issues.append(issue_at(node, "a module with no Loihi equivalent in fxlava",
                                        _fix_for(m), module=m))
+        elif getattr(node.target, "__name__", node.target) in _ENCODING_OPS:
+            issues.append(issue_at(node, "an input encoding inside forward() (Loihi's input layer takes spikes)",
+                                   "move the encoding out of forward() and give the model [T, N, *] spikes, "
+                                   "e.g. encoding.PoissonEncoder applied T times to the image; then compile that model"))
         else:
             issues.append(issue_at(node, "an operation with no Loihi equivalent in fxlava",
                                    "remove it from forward() (compute it outside the model), "
@@ -55,9 +63,12 @@ def _fix_for(m: nn.Module) -> str:
 class CompiledNetwork(nn.Module):
     """The compiled network: ``graph_module`` on the SpikingJelly side, ``lava_dl`` and ``export_hdf5`` for Lava."""
 
-    def __init__(self, graph_module: fx.GraphModule, ctx: CompileContext, pipeline: Pipeline):
+    def __init__(self, graph_module: fx.GraphModule, ctx: CompileContext, pipeline: Pipeline,
+                 readout: Optional[nn.Module] = None):
         super().__init__()
         self.graph_module = graph_module
+        # parameter-free ops the model applies to its output spikes (identity if there are none)
+        self.readout = readout if readout is not None else frontend.Readout(step_mode=ctx.step_mode)
         self.pipeline = pipeline
         self.input_shape = tuple(ctx.input_shape)
         self.step_mode = ctx.step_mode
@@ -107,6 +118,10 @@ def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pi
                          input_shape=tuple(example_input.shape[2:]), options=dict(options))
     ctx.record("trace", f"{type(model).__name__} traced in step mode '{step_mode}', "
                         f"{sum(1 for n in gm.graph.nodes if n.op == 'call_module')} modules")
+    readout = gm.meta.get("fxlava_readout")
+    if readout is not None and readout.ops:
+        ctx.record("trace", f"readout after {readout.after} runs on the host, not on Loihi "
+                            f"(net.readout): {', '.join(readout.ops)}")
     up_front = frontend.chain_issues(gm)
     # with user passes in the pipeline, an unknown node may be theirs to lower: leave it to fuse_blocks
     if pipeline.names == default.names:
@@ -116,4 +131,4 @@ def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pi
         up_front += [i for i in _known_node_issues(gm) if i.node not in reported]
     pipeline.check(gm, ctx, extra=up_front)
     gm = pipeline.run(gm, ctx)
-    return CompiledNetwork(gm, ctx, pipeline)
+    return CompiledNetwork(gm, ctx, pipeline, readout)

@@ -12,8 +12,8 @@ REASON = "a synapse with a bias (Loihi blocks exported to netx have no bias)"
 def check(gm: fx.GraphModule, ctx: CompileContext):
     """One issue per synapse whose bias is not None."""
     return [
-        issue_at(node, REASON, f"construct it with bias=False (e.g. {type(m).__name__}(..., bias=False)) and retrain, "
-                               f"or fold the bias into the next layer's threshold yourself", module=m)
+        issue_at(node, REASON, f"construct it with bias=False (e.g. {type(m).__name__}(..., bias=False)) and retrain; "
+                               f"a bias is a constant input current every time step, which no threshold can replace", module=m)
         for node, m in module_nodes(gm, SYNAPSES) if m.bias is not None
     ]
 
