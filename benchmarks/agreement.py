@@ -4,7 +4,9 @@ Run from the repository root:  .venv/bin/python -m benchmarks.agreement [--sampl
 
 For each model of tests/zoo, on the same random spike inputs: the fraction of output spikes
 (over T x N x outputs) on which fxlava's ``net(x)`` agrees with the float model, and the
-fraction of samples whose predicted class (argmax of the firing rate) agrees. For the
+fraction of samples whose predicted class (argmax of the firing rate) agrees. A model whose
+forward ends in a readout (e.g. ``.mean(0)``) is compared on that output, ``net.readout(net(x))``,
+value for value. For the
 tutorial's MNIST CSNN, SpikingJelly's own BlockContainer route on the same weights is
 measured in the same run, side by side.
 """
@@ -31,7 +33,13 @@ def run_float(model, x, step_mode):
     return y
 
 
-def agreement(y, ref):
+def agreement(y, ref, readout=None):
+    """Spike agreement on [T, N, *] spikes; for a model with a readout (e.g. a rate), on its output."""
+    if readout is not None and readout.ops:
+        out = readout(y)
+        same = (out == ref).float().mean().item()
+        classes = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        return same, classes
     spikes = (y == ref).float().mean().item()
     classes = (y.mean(0).argmax(-1) == ref.mean(0).argmax(-1)).float().mean().item()
     return spikes, classes
@@ -52,7 +60,7 @@ def main(argv=None):
         with torch.no_grad():
             y = net(xr)
         dt = time.perf_counter() - t0
-        rows.append((name, "fxlava", *agreement(y, ref), ref.mean().item(), dt))
+        rows.append((name, "fxlava", *agreement(y, ref, net.readout), ref.mean().item(), dt))
         if name == "mnist_csnn":
             from tests.sj_route import block_container_net, copy_weights
 

@@ -231,8 +231,9 @@ _FUNCTIONAL_MODULES = {
     F.dropout: _dropout,
 }
 _RESHAPES_FN = {torch.flatten, torch.reshape, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.flatten,
-                torch.Tensor.contiguous, torch.squeeze, torch.unsqueeze}
-_RESHAPE_METHODS = {"flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+                torch.Tensor.contiguous, torch.squeeze, torch.unsqueeze, torch.unflatten}
+_RESHAPE_METHODS = {"flatten", "unflatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze", "view_as",
+                    "reshape_as"}
 
 
 def _shape(node) -> Optional[torch.Size]:
