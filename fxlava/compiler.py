@@ -29,7 +29,8 @@ def _known_node_issues(gm: fx.GraphModule):
     from spikingjelly.activation_based import base, layer
 
     # normalisations and stateful modules: fold_batchnorm and substitute_neurons fold, substitute or refuse them
-    known = SYNAPSES + AVG_POOLS + MAX_POOLS + FLATTENS + IDENTITIES + NORMS + (base.MemoryModule, layer.Dropout)
+    known = SYNAPSES + AVG_POOLS + MAX_POOLS + FLATTENS + IDENTITIES + NORMS + (
+        nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, base.MemoryModule, layer.Dropout)
     issues = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
@@ -53,7 +54,7 @@ def _known_node_issues(gm: fx.GraphModule):
 def _fix_for(m: nn.Module) -> str:
     if isinstance(m, (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.LeakyReLU)):
         return "Loihi layers pass spikes, not activations: replace it with a spiking neuron (IFNode/LIFNode)"
-    if isinstance(m, (nn.MaxPool1d, nn.MaxPool3d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool3d)):
+    if isinstance(m, (nn.MaxPool1d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool3d)):
         return "use nn.MaxPool2d after a spiking neuron (a max of spikes is an OR, which fxlava compiles)"
     if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
         return "drop it and give the next conv padding= instead (netx pads each side of a conv equally, with zeros)"

@@ -424,7 +424,7 @@ def _compiles_after_spikes(gm: fx.GraphModule, node: fx.Node) -> bool:
     from fxlava.rules import IDENTITIES, MAX_POOLS
 
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), MAX_POOLS + IDENTITIES)
+        return isinstance(gm.get_submodule(node.target), MAX_POOLS + IDENTITIES + (nn.AdaptiveMaxPool2d,))
     return node.op == "call_function" and node.target in (F.max_pool2d, torch.max_pool2d, F.dropout)
 
 

@@ -8,6 +8,7 @@ from fxlava.passes.avgpool_to_sumpool import avgpool_to_sumpool
 from fxlava.passes.fold_batchnorm import fold_batchnorm
 from fxlava.passes.fuse_blocks import fuse_blocks
 from fxlava.passes.insert_layout import insert_layout
+from fxlava.passes.lower_adaptive_pools import lower_adaptive_pools
 from fxlava.passes.maxpool_to_or import maxpool_to_or
 from fxlava.passes.reject_bias import reject_bias
 from fxlava.passes.remove_identities import remove_identities
@@ -19,6 +20,7 @@ DEFAULT_PASSES = (
     Pass("reject_bias", reject_bias, reject_bias.check),
     Pass("fold_batchnorm", fold_batchnorm, fold_batchnorm.check),
     Pass("resolve_conv_padding", resolve_conv_padding, resolve_conv_padding.check),
+    Pass("lower_adaptive_pools", lower_adaptive_pools, lower_adaptive_pools.check),
     Pass("avgpool_to_sumpool", avgpool_to_sumpool, avgpool_to_sumpool.check),
     Pass("substitute_neurons", substitute_neurons, substitute_neurons.check),
     Pass("maxpool_to_or", maxpool_to_or, maxpool_to_or.check),

@@ -146,3 +146,23 @@ def test_fuse_and_layout():
     assert gm(torch.zeros(5, 2, 1, 8, 8)).shape == (5, 2, 3)
     assert isinstance(gm.get_submodule("block1"), FlattenBlock)
     assert isinstance(gm.get_submodule("block2"), SynapseBlock)
+
+
+@pytest.mark.parametrize("adaptive,plain,size", [(nn.AdaptiveAvgPool2d, "AvgPool2d", (3, 2)),
+                                                 (nn.AdaptiveMaxPool2d, "MaxPool2d", (1, 4)),
+                                                 (nn.AdaptiveAvgPool2d, "AvgPool2d", (None, 2))])
+def test_lower_adaptive_pools_keeps_the_output(adaptive, plain, size):
+    from fxlava.passes import lower_adaptive_pools
+
+    model = _grid(_seq(layer.Conv2d(1, 3, 3, padding=1, bias=False), neuron.IFNode(),
+                       layer.SeqToANNContainer(adaptive(size)), layer.Conv2d(3, 2, 1, bias=False), neuron.IFNode()))
+    with torch.no_grad():
+        model[3].weight.fill_(0.75)  # fires on about one spike and a half in the pooled window
+    x = (torch.rand(5, 2, 1, 6, 8, generator=torch.Generator().manual_seed(3)) < 0.5).float()
+    gm, ctx = _canonical(model, x)
+    model_graph = _types(gm)
+    before = frontend.run_per_step(gm, x)
+    assert lower_adaptive_pools(gm, ctx).modified
+    assert _types(gm) == [plain if t == adaptive.__name__ else t for t in model_graph]
+    after = frontend.run_per_step(gm, x)
+    assert before.sum() > 0 and torch.equal(before, after)
