@@ -119,17 +119,17 @@ def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pi
                          input_shape=tuple(example_input.shape[2:]), options=dict(options))
     ctx.record("trace", f"{type(model).__name__} traced in step mode '{step_mode}', "
                         f"{sum(1 for n in gm.graph.nodes if n.op == 'call_module')} modules")
-    readout = gm.meta.get("fxlava_readout")
-    if readout is not None and readout.ops:
+    readout = gm.meta["fxlava_readout"]
+    if readout.ops:
         ctx.record("trace", f"readout after {readout.after} runs on the host, not on Loihi "
                             f"(net.readout): {', '.join(readout.ops)}")
-    up_front = frontend.chain_issues(gm)
+    issues = frontend.chain_issues(gm) + pipeline.issues(gm, ctx)
     # with user passes in the pipeline, an unknown node may be theirs to lower: leave it to fuse_blocks
     if pipeline.names == default.names:
-        reported = {i.node for i in up_front}
-        # a node a pass's own check refuses is reported once, with that pass's more specific reason
-        reported |= {i.node for p in pipeline if p.check is not None for i in p.check(gm, ctx)}
-        up_front += [i for i in _known_node_issues(gm) if i.node not in reported]
-    pipeline.check(gm, ctx, extra=up_front)
+        # a node already refused (by the chain check or a pass's own, more specific check) is reported once
+        reported = {i.node for i in issues}
+        issues += [i for i in _known_node_issues(gm) if i.node not in reported]
+    if issues:
+        raise UnsupportedModelError(issues)
     gm = pipeline.run(gm, ctx)
     return CompiledNetwork(gm, ctx, pipeline, readout)

@@ -388,12 +388,13 @@ class Readout(nn.Module):
     or of Lava) and returns what the model returns. In single-step mode they run per time step.
     """
 
-    def __init__(self, graph_module: Optional[fx.GraphModule] = None, step_mode: str = "m", ops: tuple = ()):
+    def __init__(self, graph_module: Optional[fx.GraphModule] = None, step_mode: str = "m", ops: tuple = (),
+                 after: str = ""):
         super().__init__()
         self.graph_module = graph_module
         self.step_mode = step_mode
         self.ops = tuple(ops)  # a description of each op, for tables and records
-        self.after = ""  # path of the last spiking layer, whose output the readout reads
+        self.after = after  # path of the last spiking layer, whose output the readout reads
 
     def forward(self, spikes: torch.Tensor):
         if self.graph_module is None:
@@ -425,7 +426,7 @@ def _compiles_after_spikes(gm: fx.GraphModule, node: fx.Node) -> bool:
 
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), MAX_POOLS + IDENTITIES + (nn.AdaptiveMaxPool2d,))
-    return node.op == "call_function" and node.target in (F.max_pool2d, torch.max_pool2d, F.dropout)
+    return node.op == "call_function" and _FUNCTIONAL_MODULES.get(node.target) in (_max_pool2d, _dropout)
 
 
 def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
@@ -461,12 +462,11 @@ def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
     graph.output(env[output.args[0]])
     # a copy: the traced modules are switched to single-step below, the readout keeps the model's mode
     readout = Readout(copy.deepcopy(fx.GraphModule(gm0, graph, class_name="Readout")), step_mode,
-                      [_describe(n, gm0) for n in tail])
+                      [_describe(n, gm0) for n in tail], last.target if last.op == "call_module" else last.name)
     output.args = (last,)
     for n in reversed(tail):
         gm0.graph.erase_node(n)
     gm0.recompile()
-    readout.after = last.target if last.op == "call_module" else last.name
     return readout
 
 

@@ -139,12 +139,13 @@ class Pipeline:
         i = self._index(name)
         return self._with(self._passes[:i] + self._passes[i + 1:])
 
+    def issues(self, gm: fx.GraphModule, ctx: CompileContext) -> list[Issue]:
+        """Every problem the passes' up-front checks find, in pipeline order."""
+        return [i for p in self._passes if p.check is not None for i in p.check(gm, ctx)]
+
     def check(self, gm: fx.GraphModule, ctx: CompileContext, extra: Iterable[Issue] = ()) -> None:
         """Run every pass's up-front check and raise one error listing every problem found."""
-        issues = list(extra)
-        for p in self._passes:
-            if p.check is not None:
-                issues.extend(p.check(gm, ctx))
+        issues = list(extra) + self.issues(gm, ctx)
         if issues:
             raise UnsupportedModelError(issues)
 
