@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fxlava.neuron import CubaNeuron
 from fxlava.rules import quantize_weight
 
-__all__ = ["SynapseBlock", "FlattenBlock", "is_block"]
+__all__ = ["SynapseBlock", "FlattenBlock", "is_block", "window_conv"]
 
 
 class SynapseBlock(nn.Module):
@@ -68,6 +68,16 @@ class FlattenBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def window_conv(channels: int, kernel_size, stride, padding, dilation=1, weight: float = 1.0) -> nn.Conv2d:
+    """A pooling layer's synapse: a grouped conv summing each channel's window times ``weight``, not trainable."""
+    conv = nn.Conv2d(channels, channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                     groups=channels, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(weight)
+    conv.weight.requires_grad_(False)  # a pooling layer has no trainable weights
+    return conv
 
 
 def is_block(m: nn.Module) -> bool:

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
+from fxlava.blocks import window_conv
 from fxlava.errors import FxlavaError, Issue, UnsupportedModelError, issue_at
 from fxlava.pass_manager import CompileContext, PassResult
 from fxlava.rewrite import bypass, module_of, next_module_node, path_of, set_module
@@ -180,10 +181,7 @@ def avgpool_to_sumpool(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         else:
             k, s, p = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding)
             c = shape_in[0]
-            sumpool = nn.Conv2d(c, c, k, stride=s, padding=p, groups=c, bias=False)
-            with torch.no_grad():
-                sumpool.weight.fill_(1.0)
-            sumpool.weight.requires_grad_(False)  # a sum pool has no trainable weights
+            sumpool = window_conv(c, k, s, p)
             set_module(gm, plan.pool.target, sumpool)
             plan.pool.meta["fxlava_kind"] = "sumpool"
             neuron = module_of(gm, plan.consumer)

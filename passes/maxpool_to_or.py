@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
+from fxlava.blocks import window_conv
 from fxlava.errors import Issue, UnsupportedModelError, issue_at
 from fxlava.neuron import CubaNeuron
 from fxlava.pass_manager import CompileContext, PassResult
@@ -173,11 +174,7 @@ def check(gm: fx.GraphModule, ctx: CompileContext):
 def or_pool(channels: int, pool: nn.MaxPool2d) -> nn.Conv2d:
     """The pooling layer's synapse: a grouped conv over each channel's window, every weight OR_WEIGHT."""
     k, s, p, d = _window(pool)
-    conv = nn.Conv2d(channels, channels, k, stride=s, padding=p, dilation=d, groups=channels, bias=False)
-    with torch.no_grad():
-        conv.weight.fill_(OR_WEIGHT)
-    conv.weight.requires_grad_(False)  # a pooling layer has no trainable weights
-    return conv
+    return window_conv(channels, k, s, p, d, weight=OR_WEIGHT)
 
 
 def or_neuron(surrogate_function=None, detach_reset: bool = False) -> CubaNeuron:
