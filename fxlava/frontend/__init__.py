@@ -1,0 +1,105 @@
+"""The frontend: trace a SpikingJelly model with torch.fx and put the graph in fxlava's canonical per-step form.
+
+The stages, one file each, in the order ``trace`` runs them:
+
+* ``step_modes.py``: the step mode in which the model's neurons see time (and the SpikingJelly
+  containers that would feed them differently from the per-step form), neuron resets;
+* ``tracer.py``: torch.fx tracing of a copy of the model, SpikingJelly's modules kept as leaves;
+* ``readout.py``: the parameter-free ops after the last spiking layer, cut off into a ``Readout``
+  that runs on the host;
+* ``canonical.py``: the canonical form the built-in passes read;
+* ``topology.py``: the straight-chain check netx needs (``chain_issues``).
+
+The canonical form is one node per operation, executed once per time step on ``[N, *]`` tensors
+(SpikingJelly's single-step semantics), with
+* SpikingJelly containers (``SeqToANNContainer``, ``MultiStepContainer``,
+  ``StepModeContainer``, ``BlockContainer``) expanded into their children (also through
+  ``nn.Sequential`` children); neurons inside them count in the step mode the container
+  feeds them from outside, and what SpikingJelly would run differently from this per-step
+  form (a neuron in a container that merges time into the batch, nested step containers,
+  multi-step modules inside a container, a module with its own forward() inside one) is
+  refused at trace time,
+* every SpikingJelly module set to single-step mode,
+* reshapes that only merge or split the time and batch dimensions removed, reshapes that
+  flatten one sample turned into ``nn.Flatten`` modules, and functional pooling / dropout
+  calls turned into the equivalent modules.
+Whatever cannot be put in that form is left in the graph as it is and reported by the
+up-front checks. Each node keeps its user-facing module path (``meta['fxlava_path']``),
+the user's source line (``meta['stack_trace']``) and its per-sample output shape
+(``meta['fxlava_shape']``).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fxlava.errors import FxlavaError, UnsupportedModelError
+from fxlava.frontend.canonical import _Canonicalizer, _fill_shapes
+from fxlava.frontend.readout import Readout, split_readout
+from fxlava.frontend.step_modes import _set_single_step, detect_step_mode, reset_states, run_per_step
+from fxlava.frontend.topology import chain_issues
+from fxlava.frontend.tracer import SpikingTracer
+
+__all__ = ["SpikingTracer", "trace", "detect_step_mode", "chain_issues", "run_per_step", "reset_states", "Readout"]
+
+log = logging.getLogger(__name__)
+
+
+def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[fx.GraphModule, str]:
+    """Trace a copy of ``model`` and return its canonical per-step GraphModule and the model's step mode.
+
+    The user's model is never modified: tracing, shape propagation and every rewrite act on a
+    deep copy, whose neuron states are reset before and after the example run.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxlava.compile expects a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 3:
+        raise ValueError(
+            f"example_input must be a tensor of spikes shaped [T, N, *] (SpikingJelly's multi-step layout); "
+            f"got {tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input).__name__}"
+        )
+    step_mode = detect_step_mode(model)
+    root = copy.deepcopy(model).eval()
+    reset_states(root)
+    try:
+        graph = SpikingTracer().trace(root)
+    except Exception as exc:
+        raise FxlavaError(
+            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
+            f"fix: keep forward() free of data-dependent Python control flow (if/for on tensor values); "
+            f"wrap such code in a module and keep it out of the network that goes to Loihi"
+        ) from exc
+    gm0 = fx.GraphModule(root, graph)
+    T, N = example_input.shape[:2]
+    lead = 2 if step_mode == "m" else 1
+    x0 = example_input if step_mode == "m" else example_input[0]
+    try:
+        with torch.no_grad():
+            ShapeProp(gm0).propagate(x0.to(torch.float32))
+    except Exception as exc:
+        raise FxlavaError(
+            f"running {type(model).__name__} on the example input {tuple(example_input.shape)} failed "
+            f"({type(exc).__name__}: {exc}); fix: pass an example input shaped [T, N, *] that the model accepts "
+            f"in its step mode ('{step_mode}')"
+        ) from exc
+    finally:
+        reset_states(root)
+    readout = split_readout(gm0, step_mode)
+    canonicalizer = _Canonicalizer(gm0, root, lead, T, N)
+    graph = canonicalizer.run()
+    if canonicalizer.issues:
+        raise UnsupportedModelError(canonicalizer.issues)
+    _set_single_step(root)
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    gm.graph.eliminate_dead_code()  # shape queries (x.shape[0]) that only fed removed reshapes
+    gm.recompile()
+    _fill_shapes(gm, example_input[0])
+    gm.meta["fxlava_step_mode"] = step_mode
+    gm.meta["fxlava_readout"] = readout or Readout(step_mode=step_mode)
+    return gm, step_mode
+

@@ -1,0 +1,208 @@
+"""Canonical form: the traced graph rewritten to one node per operation, run once per time step on [N, *]."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fxlava.errors import Issue, issue_at
+from fxlava.frontend.step_modes import _container_types, _is_plain_sequential, reset_states
+from fxlava.frontend.tracer import SpikingTracer, _is_spikingjelly
+
+
+# functional forms a user writes in forward, and the module that does the same per sample
+def _avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+    return nn.AvgPool2d(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+def _max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    return nn.MaxPool2d(kernel_size, stride, padding, dilation, return_indices, ceil_mode)
+
+
+def _dropout(x, p=0.5, training=False, inplace=False):
+    return nn.Dropout(p)
+
+
+_FUNCTIONAL_MODULES = {
+    F.avg_pool2d: _avg_pool2d,
+    torch._C._nn.avg_pool2d: _avg_pool2d,
+    F.max_pool2d: _max_pool2d,
+    torch.max_pool2d: _max_pool2d,
+    F.dropout: _dropout,
+}
+_RESHAPES_FN = {torch.flatten, torch.reshape, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.flatten,
+                torch.Tensor.contiguous, torch.squeeze, torch.unsqueeze, torch.unflatten}
+_RESHAPE_METHODS = {"flatten", "unflatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze", "view_as",
+                    "reshape_as"}
+
+
+def _shape(node) -> Optional[torch.Size]:
+    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return getattr(tm, "shape", None)
+
+
+class _Canonicalizer:
+    def __init__(self, gm0: fx.GraphModule, root: nn.Module, lead: int, T: int, N: int):
+        self.gm0, self.root, self.T, self.N = gm0, root, T, N
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.lead: dict[fx.Node, int] = {}  # leading (time/batch) dims of each node's value
+        self.input_lead = lead
+        self.modules = dict(root.named_modules())
+        self.containers = _container_types()
+        self.count = 0
+        self.issues: list[Issue] = []
+
+    def _copy_meta(self, new: fx.Node, old: fx.Node, path: str, shape, lead: int):
+        if "stack_trace" in old.meta:
+            new.meta["stack_trace"] = old.meta["stack_trace"]
+        new.meta["fxlava_path"] = path
+        if shape is not None:
+            new.meta["fxlava_shape"] = tuple(shape[lead:])
+
+    def _add_module(self, module: nn.Module, hint: str) -> str:
+        self.count += 1
+        name = f"_fxlava_{hint}_{self.count}"
+        self.root.add_module(name, module)
+        return name
+
+    def _emit_module(self, target: str, arg: fx.Node, old: fx.Node, path: str, shape, lead: int) -> fx.Node:
+        new = self.graph.call_module(target, (arg,))
+        self._copy_meta(new, old, path, shape, lead)
+        return new
+
+    def _expand(self, target: str, arg: fx.Node, old: fx.Node, lead: int) -> fx.Node:
+        """Emit a container's children in order (the container's own shape is the last child's)."""
+        m = self.modules[target]
+        children = [(n, c) for n, c in m.named_children() if c is not None]
+        out = arg
+        for i, (name, child) in enumerate(children):
+            sub = f"{target}.{name}"
+            shape = _shape(old) if i == len(children) - 1 else None
+            if isinstance(child, self.containers) or _is_plain_sequential(child):
+                out = self._expand(sub, out, old, lead)
+            elif not _is_spikingjelly(child) and not SpikingTracer().is_leaf_module(child, sub):
+                # a module with its own forward() inside a SpikingJelly container: the container is a
+                # leaf of the trace, so that forward() was never traced
+                issue = issue_at(old, "a module with its own forward() inside a SpikingJelly container, which "
+                                      "fxlava expands child by child without tracing into the children",
+                                 "call it outside the container in forward() (SpikingJelly layers take [T, N, *] "
+                                 "in multi-step mode), or build it from torch.nn / SpikingJelly layers in an "
+                                 "nn.Sequential", module=child)
+                self.issues.append(dataclasses.replace(issue, path=sub))
+                out = self._emit_module(sub, out, old, sub, shape, lead)
+            else:
+                out = self._emit_module(sub, out, old, sub, shape, lead)
+        return out
+
+    def _reshape(self, node: fx.Node) -> Optional[tuple]:
+        """Classify a reshape: ('flatten'|'identity', new lead) or None if it mixes dims."""
+        src = node.args[0]
+        if not isinstance(src, fx.Node):
+            return None
+        si, so = _shape(src), _shape(node)
+        if si is None or so is None:
+            return None
+        lead = self.lead.get(src, self.input_lead)
+        if lead == 2 and len(so) >= 1 and so[0] == si[0] * si[1] and tuple(so[1:]) == tuple(si[2:]):
+            return ("identity", 1)  # [T, N, *] -> [T*N, *]
+        if lead == 1 and self.input_lead == 2 and len(so) >= 2 and tuple(so[:2]) == (self.T, self.N) \
+                and tuple(so[2:]) == tuple(si[1:]) and si[0] == self.T * self.N:
+            return ("identity", 2)  # [T*N, *] -> [T, N, *]
+        if tuple(so[:lead]) == tuple(si[:lead]):
+            if tuple(so) == tuple(si):
+                return ("identity", lead)
+            if len(so) == lead + 1 and so[lead] == math.prod(si[lead:]):
+                return ("flatten", lead)
+        return None
+
+    def _lower_reshape(self, node: fx.Node, kind: tuple, path: str) -> None:
+        """Drop a T/N merge or split; turn a per-sample flatten into nn.Flatten(1)."""
+        what, lead = kind
+        src = self.env[node.args[0]]
+        if what == "identity":
+            self.env[node] = src
+        else:
+            target = self._add_module(nn.Flatten(1), "flatten")
+            self.env[node] = self._emit_module(target, src, node, path, _shape(node), lead)
+        self.lead[node] = lead
+
+    def run(self) -> fx.Graph:
+        for node in self.gm0.graph.nodes:
+            if node.op == "placeholder":
+                new = self.graph.placeholder(node.name)
+                new.meta.update(node.meta)
+                self.env[node], self.lead[node] = new, self.input_lead
+                shape = _shape(node)
+                new.meta["fxlava_shape"] = tuple(shape[self.input_lead:]) if shape is not None else None
+                new.meta["fxlava_path"] = ""
+                continue
+            if node.op == "output":
+                self.graph.output(fx.map_arg(node.args[0], lambda n: self.env[n]))
+                continue
+            arg0 = node.args[0] if node.args else None
+            lead = self.lead.get(arg0, self.input_lead) if isinstance(arg0, fx.Node) else self.input_lead
+            if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+                m = self.modules[node.target]
+                if isinstance(m, self.containers):
+                    self.env[node] = self._expand(node.target, self.env[arg0], node, lead)
+                elif isinstance(m, nn.Flatten) and (kind := self._reshape(node)) is not None:
+                    # start_dim depends on the step mode (Flatten(2) on [T, N, C, H, W]); decide by shapes
+                    self._lower_reshape(node, kind, node.target)
+                    continue
+                else:
+                    self.env[node] = self._emit_module(node.target, self.env[arg0], node, node.target, _shape(node), lead)
+                self.lead[node] = lead
+                continue
+            is_reshape = (node.op == "call_function" and node.target in _RESHAPES_FN) or (
+                node.op == "call_method" and node.target in _RESHAPE_METHODS)
+            if is_reshape:
+                kind = self._reshape(node)
+                if kind is not None:
+                    self._lower_reshape(node, kind, "")
+                    continue
+            if node.op == "call_function" and node.target in _FUNCTIONAL_MODULES and isinstance(arg0, fx.Node):
+                try:
+                    bound = inspect.signature(_FUNCTIONAL_MODULES[node.target]).bind(*node.args, **node.kwargs)
+                    consts = [v for k, v in bound.arguments.items() if k != "x"]
+                    if not any(isinstance(v, fx.Node) for v in consts):
+                        module = _FUNCTIONAL_MODULES[node.target](*node.args, **node.kwargs)
+                        target = self._add_module(module, node.target.__name__)
+                        self.env[node] = self._emit_module(target, self.env[arg0], node, "", _shape(node), lead)
+                        self.lead[node] = lead
+                        continue
+                except TypeError:
+                    pass
+            # anything else stays as it is; unsupported_nodes() reports it
+            new = self.graph.node_copy(node, lambda n: self.env[n])
+            self._copy_meta(new, node, node.target if node.op == "call_module" else "", _shape(node), lead)
+            self.env[node], self.lead[node] = new, lead
+        return self.graph
+
+
+
+def _fill_shapes(gm: fx.GraphModule, x0: torch.Tensor) -> None:
+    """Per-sample shapes for the nodes the canonical form made up (children inside containers), from one step."""
+    missing = [n for n in gm.graph.nodes if n.op != "output" and n.meta.get("fxlava_shape") is None]
+    if not missing:
+        return
+    reset_states(gm)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(x0.to(torch.float32))
+    except Exception:  # left to the checks: a graph that cannot run per step is reported there
+        return
+    finally:
+        reset_states(gm)
+    for n in missing:
+        shape = _shape(n)
+        if shape is not None:
+            n.meta["fxlava_shape"] = tuple(shape[1:])
+

@@ -1,0 +1,105 @@
+"""Readout: the parameter-free ops after the last spiking layer, cut off the graph and run on the host."""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxlava.frontend.canonical import _FUNCTIONAL_MODULES, _dropout, _max_pool2d
+from fxlava.frontend.step_modes import _is_stateful
+from fxlava.frontend.tracer import _is_neuron_subclass
+
+__all__ = ["Readout", "split_readout"]
+
+
+class Readout(nn.Module):
+    """The model's parameter-free ops after its last spiking layer (a firing-rate mean, a VotingLayer...).
+
+    They read the output spikes; they are not part of the network that runs on Loihi, so fxlava
+    runs them on the host: ``net.readout(spikes)`` takes ``[T, N, *]`` output spikes (of ``net(x)``
+    or of Lava) and returns what the model returns. In single-step mode they run per time step.
+    """
+
+    def __init__(self, graph_module: Optional[fx.GraphModule] = None, step_mode: str = "m", ops: tuple = (),
+                 after: str = ""):
+        super().__init__()
+        self.graph_module = graph_module
+        self.step_mode = step_mode
+        self.ops = tuple(ops)  # a description of each op, for tables and records
+        self.after = after  # path of the last spiking layer, whose output the readout reads
+
+    def forward(self, spikes: torch.Tensor):
+        if self.graph_module is None:
+            return spikes
+        if self.step_mode == "m":
+            return self.graph_module(spikes)
+        return torch.stack([self.graph_module(s) for s in spikes])
+
+    def extra_repr(self) -> str:
+        return f"step_mode={self.step_mode!r}, ops={list(self.ops)}"
+
+
+def _is_spiking_node(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "call_module":
+        return False
+    m = gm.get_submodule(node.target)
+    return any(_is_stateful(sub) or _is_neuron_subclass(sub) for sub in m.modules())
+
+
+def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(gm.get_submodule(node.target)).__name__})"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"{name}()" if node.op == "call_function" else f".{name}()"
+
+
+def _compiles_after_spikes(gm: fx.GraphModule, node: fx.Node) -> bool:
+    from fxlava.rules import IDENTITIES, MAX_POOLS
+
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), MAX_POOLS + IDENTITIES + (nn.AdaptiveMaxPool2d,))
+    return node.op == "call_function" and _FUNCTIONAL_MODULES.get(node.target) in (_max_pool2d, _dropout)
+
+
+def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
+    """Cut the parameter-free ops after the last spiking layer off ``gm0`` into a ``Readout``.
+
+    Only a tail that reads nothing but the last spiking layer's output, and holds no parameters,
+    buffers or state, is cut; anything else stays in the graph (and is compiled or refused).
+    """
+    nodes = list(gm0.graph.nodes)
+    output = nodes[-1]
+    spiking = [i for i, n in enumerate(nodes) if _is_spiking_node(gm0, n)]
+    if not spiking or not isinstance(output.args[0], fx.Node):
+        return None
+    last = nodes[spiking[-1]]
+    tail = nodes[spiking[-1] + 1:-1]
+    # max pools (and dropout) of the last spikes compile to Loihi layers: the readout starts after them
+    while tail and tail[0].all_input_nodes == [last] and _compiles_after_spikes(gm0, tail[0]):
+        last, tail = tail[0], tail[1:]
+    if not tail or output.args[0] not in tail:
+        return None
+    inside = set(tail) | {last}
+    for n in tail:
+        if n.op in ("placeholder", "get_attr") or any(a not in inside for a in n.all_input_nodes):
+            return None
+        if n.op == "call_module":
+            m = gm0.get_submodule(n.target)
+            if any(True for _ in m.parameters()) or any(True for _ in m.buffers()) or _is_stateful(m):
+                return None
+    graph = fx.Graph()
+    env = {last: graph.placeholder("spikes")}
+    for n in tail:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(env[output.args[0]])
+    # a copy: the traced modules are switched to single-step below, the readout keeps the model's mode
+    readout = Readout(copy.deepcopy(fx.GraphModule(gm0, graph, class_name="Readout")), step_mode,
+                      [_describe(n, gm0) for n in tail], last.target if last.op == "call_module" else last.name)
+    output.args = (last,)
+    for n in reversed(tail):
+        gm0.graph.erase_node(n)
+    gm0.recompile()
+    return readout

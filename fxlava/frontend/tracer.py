@@ -1,0 +1,32 @@
+"""Stage 1: torch.fx tracing of a copy of the user's model, with SpikingJelly's modules as leaves."""
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn as nn
+
+__all__ = ["SpikingTracer"]
+
+
+def _is_spikingjelly(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("spikingjelly.")
+
+
+def _is_neuron_subclass(m: nn.Module) -> bool:
+    """A user's subclass of a SpikingJelly neuron: a leaf, so that substitute_neurons names it."""
+    from spikingjelly.activation_based import neuron
+
+    return isinstance(m, (neuron.BaseNode, neuron.SimpleBaseNode))
+
+
+class SpikingTracer(fx.Tracer):
+    """Keeps SpikingJelly neurons, layers and containers (and torch.nn layers) as leaf modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if _is_spikingjelly(m) or _is_neuron_subclass(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
