@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxlava.neuron import CubaNeuron
-from fxlava.rules import quantize_weight
+from fxlava.target import SYNAPSES, quantize_weight
 
 __all__ = ["SynapseBlock", "FlattenBlock", "is_block", "window_conv"]
 
@@ -21,7 +21,7 @@ class SynapseBlock(nn.Module):
 
     def __init__(self, synapse: nn.Module, neuron: CubaNeuron, kind: str = "", source: tuple = ()):
         super().__init__()
-        if not isinstance(synapse, (nn.Conv2d, nn.Linear)):
+        if not isinstance(synapse, SYNAPSES):
             raise TypeError(f"SynapseBlock takes nn.Conv2d or nn.Linear; got {type(synapse).__name__}")
         if synapse.bias is not None:
             raise ValueError("Loihi blocks have no bias; the reject_bias pass should have refused this synapse")

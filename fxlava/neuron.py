@@ -37,17 +37,17 @@ from typing import Callable, Optional
 
 import torch
 
+from fxlava.target import DECAY_SCALE, NEURON_SCALE, STATE_SCALE, V_TH_MANT_MAX
+
 __all__ = ["CubaNeuron"]
 
 #: Neuron (state) scale of slayer's CUBA neuron: threshold mantissa = threshold * 64.
-W_SCALE = 1 << 6
+W_SCALE = NEURON_SCALE
 #: Fixed-point scale of the states and of the 12-bit decays (4096 == 1.0).
-S_SCALE = 1 << 12
-P_SCALE = 1 << 12
+S_SCALE = STATE_SCALE
+P_SCALE = DECAY_SCALE
 #: slayer's threshold_eps, ``0.01 / s_scale``: turns its '>=' into Loihi's '>'.
 THRESHOLD_EPS = 0.01 / S_SCALE
-#: Loihi's vThMant is a 17-bit unsigned field.
-V_TH_MANT_MAX = (1 << 17) - 1
 
 
 def _quantised_decay(decay: float) -> int:

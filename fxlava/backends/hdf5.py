@@ -22,16 +22,10 @@ from typing import Iterable, Sequence
 import h5py
 import numpy as np
 
+from fxlava.target import NETX_LAYER_TYPES, NETX_NEURON_TYPES
+from fxlava.target import NETX_NOT_IMPLEMENTED as _NETX_NOT_IMPLEMENTED
+
 __all__ = ["write_netx", "NETX_LAYER_TYPES", "NETX_NEURON_TYPES"]
-
-# The layer types lava.lib.dl.netx.hdf5.Network._create really builds. It also names pool, convT,
-# unpool, average and concat, but raises NotImplementedError for each of them at load time.
-NETX_LAYER_TYPES = frozenset({"conv", "dense", "dense_rec", "flatten"})
-_NETX_NOT_IMPLEMENTED = ("average", "concat", "convT", "pool", "unpool")
-
-# Neuron types Network.get_neuron_params maps to a Lava process. For others (ALIF) it returns None
-# and loading fails; ADRF_* match its `"RF" in type` test and would silently lose their adaptation.
-NETX_NEURON_TYPES = frozenset({"CUBA", "LOIHI", "SDNN", "RF_PHASE", "RF_IZHIKEVICH"})
 
 # Deterministic output: with the v0 superblock and v1 object headers ("earliest", h5py's default,
 # pinned here so a global setting cannot change it) groups carry no modification time, and h5py

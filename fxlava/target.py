@@ -1,0 +1,242 @@
+"""The target, Loihi 2 as lava-dl's netx expresses it, described as data.
+
+Everything fxlava knows about the hardware lives here, and passes, backends, the CLI and the
+compiler ask this module instead of re-deriving it:
+
+* fixed-point formats: scales and bit widths of weights, decays, thresholds, biases, delays
+  and the voltage (what ``slayer`` quantises to and what ``netx`` writes into Lava);
+* module roles: which torch / SpikingJelly / fxlava modules are synapses, neurons, pools,
+  flattens, normalisations and identities (``role_of``);
+* which role may feed which in a netx network (``MAY_FEED``), a straight chain of layers, each
+  a synapse followed by a layer of neurons, or a flatten;
+* what netx loads (layer and neuron types);
+* the fix to give for a module kind the target lacks (``fix_for``).
+
+Numbers measured or read from lava-dl 0.6.0 and lava-nc 0.10.0 (see DESIGN.md).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+__all__ = [
+    "WEIGHT_SCALE", "WEIGHT_MANT_BITS", "WEIGHT_MANT_MIN", "WEIGHT_MANT_MAX", "WEIGHT_STEP", "WEIGHT_MIN",
+    "WEIGHT_MAX", "DECAY_BITS", "DECAY_SCALE", "STATE_SCALE", "NEURON_SCALE", "V_TH_MANT_BITS", "V_TH_MANT_MAX",
+    "BIAS_MANT_BITS", "BIAS_MANT_MIN", "BIAS_MANT_MAX", "BIAS_EXP", "MAX_DELAY", "VOLTAGE_BITS", "VOLTAGE_MIN",
+    "VOLTAGE_MAX", "quantize_weight",
+    "SYNAPSES", "AVG_POOLS", "MAX_POOLS", "ADAPTIVE_POOLS", "FLATTENS", "NORMS", "IDENTITIES", "ROLES",
+    "MAY_FEED", "role_of", "is_neuron", "is_stateful", "NETX_LAYER_TYPES", "NETX_NOT_IMPLEMENTED",
+    "NETX_NEURON_TYPES", "ENCODING_OPS", "fix_for", "fix_for_op", "unlowered",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Fixed-point formats
+
+#: Weights are 8-bit mantissas at scale 1 << 6: even mantissas in [-256, 254], i.e. multiples of
+#: 2/64 in [-4, 3.97] (slayer.neuron.base.Neuron.quantize_8bit; netx casts them with astype(int)).
+WEIGHT_SCALE = 1 << 6
+WEIGHT_MANT_BITS = 8
+WEIGHT_MANT_MIN = -(1 << WEIGHT_MANT_BITS)  # -256
+WEIGHT_MANT_MAX = (1 << WEIGHT_MANT_BITS) - 2  # 254: slayer keeps even mantissas only
+WEIGHT_STEP = 2 / WEIGHT_SCALE
+WEIGHT_MIN = WEIGHT_MANT_MIN / WEIGHT_SCALE
+WEIGHT_MAX = WEIGHT_MANT_MAX / WEIGHT_SCALE
+
+#: Current and voltage decays are 12-bit: 4096 means 1.0 (iDecay, vDecay).
+DECAY_BITS = 12
+DECAY_SCALE = 1 << DECAY_BITS
+#: Neuron states (current, voltage) are integers in units of 1/4096 (slayer's s_scale).
+STATE_SCALE = 1 << 12
+#: The neuron scale of netx's CUBA neurons: threshold mantissa vThMant = threshold * 64.
+NEURON_SCALE = WEIGHT_SCALE
+#: vThMant is a 17-bit unsigned field.
+V_TH_MANT_BITS = 17
+V_TH_MANT_MAX = (1 << V_TH_MANT_BITS) - 1
+
+#: A layer's bias becomes CUBA bias_mant: 13-bit signed, exponent 6 (the weights' scale).
+BIAS_MANT_BITS = 13
+BIAS_MANT_MIN = -(1 << (BIAS_MANT_BITS - 1))
+BIAS_MANT_MAX = (1 << (BIAS_MANT_BITS - 1)) - 1
+BIAS_EXP = 6
+
+#: Axonal delays of dense layers, in time steps.
+MAX_DELAY = 62
+
+#: Lava clips the voltage to 24 bits signed: [-(2^23 - 1), 2^23 - 1] in units of 1/64.
+VOLTAGE_BITS = 24
+VOLTAGE_MAX = (1 << (VOLTAGE_BITS - 1)) - 1
+VOLTAGE_MIN = -VOLTAGE_MAX
+
+
+class _RoundSTE(torch.autograd.Function):
+    """Round to the weight grid; the gradient passes straight through (as slayer's quantize does)."""
+
+    @staticmethod
+    def forward(ctx, w):
+        return torch.round(w / WEIGHT_STEP) * WEIGHT_STEP
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def quantize_weight(w: torch.Tensor) -> torch.Tensor:
+    """The weights Loihi runs: rounded to multiples of 2/64 and clipped, exactly as lava-dl does."""
+    return _RoundSTE.apply(w).clamp(WEIGHT_MIN, WEIGHT_MAX)
+
+
+# ---------------------------------------------------------------------------------------------
+# Module roles, matched with isinstance (SpikingJelly's layer.* subclass these)
+
+SYNAPSES = (nn.Conv2d, nn.Linear)
+AVG_POOLS = (nn.AvgPool2d,)
+MAX_POOLS = (nn.MaxPool2d,)
+ADAPTIVE_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+FLATTENS = (nn.Flatten,)
+NORMS = (nn.modules.batchnorm._NormBase,)  # BatchNorm & co.: fold_batchnorm folds or refuses them
+IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+#: Every role a module can play, in the order ``role_of`` tests them.
+ROLES = ("block", "neuron", "synapse", "avg_pool", "max_pool", "adaptive_pool", "flatten", "norm", "identity",
+         "stateful")
+
+#: What may feed what in a netx network, by role: a straight chain from the input, each layer a
+#: synapse followed by its neurons (one netx conv/dense layer), or a flatten before a dense
+#: synapse. Anything else has to be lowered into these before blocks are fused.
+MAY_FEED = {
+    "input": ("synapse", "flatten"),
+    "synapse": ("neuron",),
+    "neuron": ("synapse", "flatten", "output"),
+    "flatten": ("synapse",),
+}
+
+
+@lru_cache(maxsize=None)
+def _sj_types() -> dict:
+    from spikingjelly.activation_based import base, layer, neuron
+
+    return {
+        "neuron": (neuron.BaseNode, neuron.SimpleBaseNode),
+        "stateful": (base.MemoryModule,),
+        "identity": (layer.Dropout,),  # layer.Dropout2d subclasses layer.Dropout
+    }
+
+
+def is_neuron(m: nn.Module) -> bool:
+    """A spiking neuron: SpikingJelly's (before substitute_neurons) or fxlava's CUBA neuron."""
+    from fxlava.neuron import CubaNeuron
+
+    return isinstance(m, CubaNeuron) or isinstance(m, _sj_types()["neuron"]) or \
+        type(m).__module__.startswith("spikingjelly.activation_based.neuron")
+
+
+def is_stateful(m: nn.Module) -> bool:
+    """A module with state across time steps (a neuron or another SpikingJelly memory module)."""
+    return is_neuron(m) or isinstance(m, _sj_types()["stateful"])
+
+
+def role_of(m: Optional[nn.Module]) -> Optional[str]:
+    """The role of module ``m`` in the target (one of ``ROLES``), or None for a kind the target lacks."""
+    if m is None:
+        return None
+    from fxlava.blocks import is_block
+
+    if is_block(m):
+        return "block"
+    if is_neuron(m):
+        return "neuron"
+    for role, types in (("synapse", SYNAPSES), ("avg_pool", AVG_POOLS), ("max_pool", MAX_POOLS),
+                        ("adaptive_pool", ADAPTIVE_POOLS), ("flatten", FLATTENS), ("norm", NORMS),
+                        ("identity", IDENTITIES + _sj_types()["identity"])):
+        if isinstance(m, types):
+            return role
+    if isinstance(m, _sj_types()["stateful"]):  # after identity: SpikingJelly's Dropout keeps its mask as state
+        return "stateful"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# What netx loads
+
+#: The layer types lava.lib.dl.netx.hdf5.Network._create really builds. It also names pool, convT,
+#: unpool, average and concat, but raises NotImplementedError for each of them at load time.
+NETX_LAYER_TYPES = frozenset({"conv", "dense", "dense_rec", "flatten"})
+NETX_NOT_IMPLEMENTED = ("average", "concat", "convT", "pool", "unpool")
+#: Neuron types Network.get_neuron_params maps to a Lava process. For others (ALIF) it returns None
+#: and loading fails; ADRF_* match its `"RF" in type` test and would silently lose their adaptation.
+NETX_NEURON_TYPES = frozenset({"CUBA", "LOIHI", "SDNN", "RF_PHASE", "RF_IZHIKEVICH"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixes for what the target lacks
+
+#: Operations that turn a static input into a sequence (x.unsqueeze(0).repeat(T, ...)): an encoder.
+ENCODING_OPS = frozenset({"unsqueeze", "repeat", "expand", "expand_as", "repeat_interleave", "stack"})
+
+_NO_EQUIVALENT_FIX = "remove it from the network that goes to Loihi, or write a pass that lowers it"
+
+#: (module types, fix), first match wins.
+_MODULE_FIXES = (
+    ((nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SiLU, nn.Hardtanh),
+     "Loihi layers pass spikes, not activations: replace it with a spiking neuron (IFNode/LIFNode)"),
+    ((nn.MaxPool1d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool3d),
+     "use nn.MaxPool2d after a spiking neuron (a max of spikes is an OR, which fxlava compiles)"),
+    ((nn.AvgPool1d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool3d),
+     "use nn.AvgPool2d (or an AdaptiveAvgPool2d whose output size divides its input) before a conv, a "
+     "flatten + linear, or a spiking neuron"),
+    ((nn.ZeroPad2d, nn.ConstantPad2d),
+     "drop it and give the next conv padding= instead (netx pads each side of a conv equally, with zeros)"),
+    ((nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+     "use nn.Conv2d or nn.Linear: netx's conv layers are 2-d convolutions"),
+)
+
+
+def fix_for(m: nn.Module) -> str:
+    """The fix to give for a module whose kind the target lacks."""
+    for types, fix in _MODULE_FIXES:
+        if isinstance(m, types):
+            return fix
+    return _NO_EQUIVALENT_FIX
+
+
+#: For a module of a known role that no pass lowered (a pass removed from the pipeline, or a user's
+#: pipeline that does not handle it): (reason, fix).
+_UNLOWERED = {
+    "neuron": ("a spiking neuron no pass substituted by Loihi's CUBA neuron",
+               "keep the substitute_neurons pass in the pipeline, or substitute it in a pass of your own"),
+    "stateful": ("a stateful module no pass lowered",
+                 "remove it from the network that goes to Loihi, or write a pass that lowers it"),
+    "norm": ("a normalisation no pass folded into a synapse",
+             "keep the fold_batchnorm pass in the pipeline, or remove the normalisation"),
+    "identity": ("an identity no pass removed", "keep the remove_identities pass in the pipeline, or remove it"),
+    "avg_pool": ("an average pool no pass lowered",
+                 "keep the avgpool_to_sumpool pass in the pipeline; an average pool must feed a conv, a flatten + "
+                 "linear, or a spiking neuron"),
+    "max_pool": ("a max pool no pass lowered",
+                 "keep the maxpool_to_or pass in the pipeline; a max pool must pool spikes"),
+    "adaptive_pool": ("an adaptive pool no pass lowered",
+                      "keep the lower_adaptive_pools pass in the pipeline, or use AvgPool2d/MaxPool2d"),
+}
+
+
+def unlowered(m: nn.Module) -> tuple[str, str]:
+    """(reason, fix) for a module still in the graph when blocks are fused, and not a synapse or flatten."""
+    role = role_of(m)
+    if role in _UNLOWERED:
+        return _UNLOWERED[role]
+    return "a module with no Loihi equivalent in fxlava", fix_for(m)
+
+
+def fix_for_op(node: fx.Node) -> tuple[str, str]:
+    """(reason, fix) for a function or method call the target lacks."""
+    name = getattr(node.target, "__name__", node.target)
+    if name in ENCODING_OPS:
+        return ("an input encoding inside forward() (Loihi's input layer takes spikes)",
+                "move the encoding out of forward() and give the model [T, N, *] spikes, "
+                "e.g. encoding.PoissonEncoder applied T times to the image; then compile that model")
+    return ("an operation with no Loihi equivalent in fxlava",
+            "remove it from forward() (compute it outside the model), or write a pass that lowers it")
