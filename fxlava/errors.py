@@ -1,13 +1,12 @@
 """Typed errors. Each problem names the node, the module's path and type, the source line and a fix."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from itertools import groupby
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch.fx as fx
 
-__all__ = ["Issue", "FxlavaError", "UnsupportedModelError", "PassError", "issue_at"]
+__all__ = ["Issue", "FxlavaError", "UnsupportedModelError", "PassError", "issue_at", "model_order", "in_model_order"]
 
 
 @dataclass(frozen=True)
@@ -20,6 +19,9 @@ class Issue:
     module_type: str = ""
     node: str = ""
     source: str = ""  # the user's source line, from torch.fx's recorded stack trace
+    # position in the model (the traced node's index), so that an error lists problems in model order
+    order: Optional[float] = field(default=None, compare=False)
+    fx_node: Optional[fx.Node] = field(default=None, compare=False, repr=False)  # the node, while it is in a graph
 
     def format(self) -> str:
         where = self.path or f"<{self.node}>"
@@ -56,7 +58,26 @@ def issue_at(node: fx.Node, reason: str, fix: str, module=None) -> Issue:
         target = node.target
         mtype = target if isinstance(target, str) else getattr(target, "__qualname__", repr(target))
         mtype = f"{'method' if node.op == 'call_method' else 'function'} {mtype}"
-    return Issue(reason=reason, fix=fix, path=str(path), module_type=mtype, node=node.name, source=_source_line(node))
+    return Issue(reason=reason, fix=fix, path=str(path), module_type=mtype, node=node.name, source=_source_line(node),
+                 order=model_order(node), fx_node=node)
+
+
+def model_order(node: fx.Node) -> Optional[float]:
+    """Where ``node`` sits in the user's model: its index in the traced graph (kept through rewrites)."""
+    order = node.meta.get("fxlava_order")
+    if order is None and node.graph is not None:
+        # a node a pass made without copying meta: just after the nearest traced node before it
+        prev = node.prev
+        while prev.op != "root" and prev.meta.get("fxlava_order") is None:
+            prev = prev.prev
+        order = prev.meta.get("fxlava_order", -1) + 0.5 if prev.op != "root" else None
+    return order
+
+
+def in_model_order(issues: Iterable[Issue]) -> list[Issue]:
+    """``issues`` sorted by their place in the model (issues without one first, in their given order)."""
+    issues = list(issues)
+    return sorted(issues, key=lambda i: -1 if i.order is None else i.order)
 
 
 class FxlavaError(Exception):
@@ -67,14 +88,17 @@ class UnsupportedModelError(FxlavaError):
     """The model uses something Loihi (through netx) cannot express; lists every offending module."""
 
     def __init__(self, issues: Iterable[Issue], header: Optional[str] = None):
-        self.issues = list(issues)
+        self.issues = in_model_order(issues)
         n = len(self.issues)
         head = header or f"fxlava cannot compile this model: {n} unsupported item{'s' if n != 1 else ''}"
         parts = [head + "."]
-        ordered = sorted(enumerate(self.issues), key=lambda p: (p[1].reason, p[0]))
-        for reason, group in groupby(ordered, key=lambda p: p[1].reason):
+        # grouped by reason; the groups in the order their first item appears in the model
+        groups: dict[str, list[Issue]] = {}
+        for issue in self.issues:
+            groups.setdefault(issue.reason, []).append(issue)
+        for reason, group in groups.items():
             parts.append(f"\n{reason}:")
-            parts.extend(issue.format() for _, issue in group)
+            parts.extend(issue.format() for issue in group)
         super().__init__("\n".join(parts))
 
 

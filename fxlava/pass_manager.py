@@ -8,7 +8,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 import torch.fx as fx
 
-from fxlava.errors import FxlavaError, Issue, PassError, UnsupportedModelError
+from fxlava.errors import Issue, PassError, UnsupportedModelError, issue_at
+from fxlava.options import CompileOptions
 
 __all__ = ["CompileContext", "PassResult", "Pass", "Pipeline", "as_pass"]
 
@@ -17,18 +18,60 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CompileContext:
-    """What every pass may read: the example input, the model's step mode and shapes, and a log."""
+    """What every pass may read (example input, step mode, shapes, options) and where it refuses nodes."""
 
     example_input: torch.Tensor  # [T, N, *] spikes, SpikingJelly's multi-step layout
     step_mode: str  # the user's model: 's' (single-step) or 'm' (multi-step)
     input_shape: tuple  # per-sample shape of the input, e.g. (C, H, W)
-    options: dict = field(default_factory=dict)
+    options: CompileOptions = field(default_factory=CompileOptions)
     records: list = field(default_factory=list)  # (pass name, message) lines, for the CLI and debugging
+    issues: list = field(default_factory=list)  # every node refused so far, as Issues
+
+    def __post_init__(self):
+        if isinstance(self.options, dict):
+            self.options = CompileOptions.from_kwargs(**self.options)
 
     def record(self, pass_name: str, message: str) -> None:
         """Note what a pass did; shown by the CLI and logged at debug level."""
         self.records.append((pass_name, message))
         log.debug("%s: %s", pass_name, message)
+
+    def refuse(self, what: Union[fx.Node, Issue, Iterable[Issue]], reason: str = "", fix: str = "",
+               module: Optional[torch.nn.Module] = None) -> None:
+        """Refuse a node: ``refuse(node, reason, fix, module)``, or ``refuse(issues)`` with Issues from issue_at.
+
+        The node stays in the graph, marked; later passes leave it alone and do not report what
+        follows from it, and compile raises one UnsupportedModelError with every refusal at the end.
+        """
+        if isinstance(what, fx.Node):
+            issues = [issue_at(what, reason, fix, module=module)]
+        elif isinstance(what, Issue):
+            issues = [what]
+        else:
+            issues = list(what)
+        for issue in issues:
+            if issue not in self.issues:  # the same problem found twice (a check and its pass) counts once
+                self.issues.append(issue)
+            if issue.fx_node is not None:
+                issue.fx_node.meta.setdefault(_REFUSED, issue.reason)
+
+    def leave(self, node: fx.Node, because: fx.Node) -> None:
+        """Leave ``node`` unlowered because a node it depends on (``because``) was refused; not reported."""
+        node.meta.setdefault(_LEFT, because.name)
+
+    @staticmethod
+    def is_refused(node: fx.Node) -> bool:
+        """True for a node some pass refused."""
+        return _REFUSED in node.meta
+
+    @staticmethod
+    def is_settled(node: fx.Node) -> bool:
+        """True for a node refused, or left unlowered because of a refused node: nothing more to report."""
+        return _REFUSED in node.meta or _LEFT in node.meta
+
+
+_REFUSED = "fxlava_refused"  # node.meta key: the reason it was refused
+_LEFT = "fxlava_left_for"  # node.meta key: the refused node it was left in place for
 
 
 @dataclass
@@ -45,7 +88,11 @@ CheckFn = Callable[[fx.GraphModule, CompileContext], Iterable[Issue]]
 
 @dataclass(frozen=True)
 class Pass:
-    """A named pass; ``check`` lists, before anything runs, every node the pass will refuse."""
+    """A named pass. ``check``, if given, lists what the pass would refuse on a graph, changing nothing.
+
+    The pipeline runs ``fn`` alone: a pass decides legality on the graph it receives and refuses
+    nodes through ``ctx.refuse``; ``check`` is for tools and tests that ask without rewriting.
+    """
 
     name: str
     fn: PassFn
@@ -139,32 +186,33 @@ class Pipeline:
         i = self._index(name)
         return self._with(self._passes[:i] + self._passes[i + 1:])
 
-    def issues(self, gm: fx.GraphModule, ctx: CompileContext) -> list[Issue]:
-        """Every problem the passes' up-front checks find, in pipeline order."""
-        return [i for p in self._passes if p.check is not None for i in p.check(gm, ctx)]
-
-    def check(self, gm: fx.GraphModule, ctx: CompileContext, extra: Iterable[Issue] = ()) -> None:
-        """Run every pass's up-front check and raise one error listing every problem found."""
-        issues = list(extra) + self.issues(gm, ctx)
-        if issues:
-            raise UnsupportedModelError(issues)
-
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-        """Run the passes in order, linting and recompiling the graph after each."""
+        """Run the passes in order, linting and recompiling the graph after each.
+
+        A pass refuses nodes through ``ctx.refuse`` and the pipeline goes on, so every problem of the
+        model is found in one run; at the end one UnsupportedModelError lists them all, in model
+        order. (A pass that raises UnsupportedModelError itself has its issues collected the same way.)
+        """
         ran: list[str] = []
         for p in self._passes:
             try:
-                result = p(gm, ctx)
+                try:
+                    result = p(gm, ctx)
+                except UnsupportedModelError as exc:  # a pass that raises its refusals instead of ctx.refuse
+                    ctx.refuse(exc.issues)
+                    result = PassResult(gm, False)
                 gm = result.graph_module
                 gm.graph.lint()
                 gm.recompile()
-            except FxlavaError as exc:
-                if isinstance(exc, UnsupportedModelError):
-                    exc.add_note(f"(raised by pass '{p.name}'; passes run before it: {', '.join(ran) or 'none'})")
-                    raise
-                raise PassError(p.name, ran, exc) from exc
             except Exception as exc:
-                raise PassError(p.name, ran, exc) from exc
+                error = PassError(p.name, ran, exc)
+                if ctx.issues:  # most likely a consequence of a refused node: report the refusals
+                    refused = UnsupportedModelError(ctx.issues)
+                    refused.add_note(f"(then {error})")
+                    raise refused from exc
+                raise error from exc
             ctx.record(p.name, "changed the graph" if result.modified else "no change")
             ran.append(p.name)
+        if ctx.issues:
+            raise UnsupportedModelError(ctx.issues)
         return gm

@@ -7,7 +7,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 __all__ = ["module_of", "module_nodes", "path_of", "replace_with_module", "bypass", "next_module_node",
-           "set_module"]
+           "set_module", "fresh_name", "add_module"]
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
@@ -59,3 +59,19 @@ def next_module_node(node: fx.Node) -> Optional[fx.Node]:
     """The only user of ``node``, or None if it has none or several."""
     users = list(node.users)
     return users[0] if len(users) == 1 else None
+
+
+def fresh_name(gm: fx.GraphModule, hint: str) -> str:
+    """An attribute name free on ``gm``: ``hint``, or ``hint_1``, ``hint_2``... if the user's model has it."""
+    name, i = hint, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{hint}_{i}"
+    return name
+
+
+def add_module(gm: fx.GraphModule, hint: str, module: nn.Module) -> str:
+    """Add ``module`` to ``gm`` under a fresh name (see ``fresh_name``); returns the name, a call_module target."""
+    target = fresh_name(gm, hint)
+    gm.add_submodule(target, module)
+    return target

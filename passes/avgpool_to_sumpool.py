@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from fxlava.blocks import window_conv
-from fxlava.errors import FxlavaError, Issue, UnsupportedModelError, issue_at
+from fxlava.errors import FxlavaError, Issue, issue_at
 from fxlava.pass_manager import CompileContext, PassResult
 from fxlava.rewrite import bypass, module_of, next_module_node, path_of, set_module
-from fxlava.rules import AVG_POOLS, FLATTENS
+from fxlava.target import AVG_POOLS, FLATTENS, is_neuron
 
 PASS = "avgpool_to_sumpool"
 
@@ -41,17 +41,37 @@ class _Plan:
     flatten: Optional[fx.Node] = None
 
 
+_CUBA_LIF_AFTER_POOL = (
+    "a CubaLIFNode fed by an average pool: its fixed-point arithmetic does not allow moving the pool's 1/k^2 "
+    "into its threshold",
+    "put a conv or linear layer after the pool (the pool merges into it), or use IFNode / LIFNode after the pool")
+
+
+def _fixed_point_neuron(m) -> bool:
+    """SpikingJelly's lava_exchange.CubaLIFNode: quantised in its own arithmetic, so not linear in its threshold."""
+    from spikingjelly.activation_based import lava_exchange
+
+    return isinstance(m, lava_exchange.CubaLIFNode)
+
+
 def _out_size(n, k, s, p, ceil):
     f = math.ceil if ceil else math.floor
     return f((n + 2 * p - k) / s) + 1
 
 
-def _plan(gm: fx.GraphModule) -> tuple[list[_Plan], list[Issue]]:
+def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Issue]]:
+    """What to do with each average pool, and the pools (or their neurons) that cannot be lowered.
+
+    A plan whose consumer is refused (a biased synapse, say) is returned too; the pass leaves that
+    pool in place rather than report a consequence.
+    """
     plans, issues = [], []
     for node in gm.graph.nodes:
         pool = module_of(gm, node)
-        if not isinstance(pool, AVG_POOLS):
+        if not isinstance(pool, AVG_POOLS) or ctx.is_refused(node):
             continue
+        if len(node.users) > 1:
+            continue  # a fork: fuse_blocks refuses the branch, naming the fork, its paths and the merge
         k, s, p = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding)
         shape_in = node.args[0].meta.get("fxlava_shape")
         if pool.ceil_mode and shape_in is not None and any(
@@ -76,19 +96,23 @@ def _plan(gm: fx.GraphModule) -> tuple[list[_Plan], list[Issue]]:
             else:
                 issues.append(issue_at(node, "an average pool followed by flatten but not by a linear layer",
                                        "follow pool -> flatten with nn.Linear(..., bias=False)", module=pool))
-        elif um is not None and hasattr(um, "v_threshold"):
-            plans.append(_Plan(node, "neuron", factor, user))
+        elif is_neuron(um) and hasattr(um, "v_threshold"):
+            if _fixed_point_neuron(um) and not ctx.is_refused(user):
+                issues.append(issue_at(user, *_CUBA_LIF_AFTER_POOL, module=um))
+            else:
+                plans.append(_Plan(node, "neuron", factor, user))
         else:
             what = "a padded pool before a synapse" if um is not None and any(p) else "a pool that feeds no synapse or neuron"
+            feeds = f"it feeds {path_of(user)} ({type(um).__name__}); " if um is not None else ""
             issues.append(issue_at(node, f"an average pool that cannot become a Loihi layer ({what})",
-                                   "an average pool must feed a conv, a flatten + linear, or a spiking neuron "
-                                   "(with padding=0 if it feeds a synapse)", module=pool))
+                                   f"{feeds}an average pool must feed a conv, a flatten + linear, or a spiking "
+                                   f"neuron (with padding=0 if it feeds a synapse)", module=pool))
     return plans, issues
 
 
 def check(gm: fx.GraphModule, ctx: CompileContext):
     """Issues for average pools that have no exact sum-pool form."""
-    return _plan(gm)[1]
+    return _plan(gm, ctx)[1]
 
 
 def _spread(w: torch.Tensor, k, stride) -> torch.Tensor:
@@ -146,10 +170,16 @@ def _self_check(before, after, shape_in, name):
 
 def avgpool_to_sumpool(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Turn average pools into sum pools, moving 1/k^2 into the next synapse or threshold."""
-    plans, issues = _plan(gm)
-    if issues:
-        raise UnsupportedModelError(issues)
+    plans, issues = _plan(gm, ctx)
+    ctx.refuse(issues)
+    for pool_node in {i.fx_node.args[0] for i in issues if i.reason == _CUBA_LIF_AFTER_POOL[0]}:
+        ctx.leave(pool_node, because=next_module_node(pool_node))  # the neuron is refused, the pool stays
+    lowered = []
     for plan in plans:
+        if ctx.is_refused(plan.consumer):  # lowered once the consumer is fixed
+            ctx.leave(plan.pool, because=plan.consumer)
+            continue
+        lowered.append(plan)
         pool = module_of(gm, plan.pool)
         shape_in = plan.pool.args[0].meta["fxlava_shape"]
         if plan.action in ("conv", "dense"):
@@ -168,9 +198,9 @@ def avgpool_to_sumpool(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
                                                 old.weight.double())
                     after = lambda x: F.linear(x.flatten(1), new.weight.double())
             except FxlavaError as exc:
-                raise UnsupportedModelError([issue_at(plan.pool, "an average pool that cannot be merged into the next "
-                                                      "synapse", f"{exc}; change the padding of {path_of(plan.consumer)} "
-                                                      f"or the pool", module=pool)]) from None
+                ctx.refuse(plan.pool, "an average pool that cannot be merged into the next synapse",
+                           f"{exc}; change the padding of {path_of(plan.consumer)} or the pool", module=pool)
+                continue
             _self_check(before, after, shape_in, path_of(plan.consumer))
             set_module(gm, plan.consumer.target, new)
             plan.consumer.meta["fxlava_merged_pool"] = path_of(plan.pool)
@@ -189,7 +219,7 @@ def avgpool_to_sumpool(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
             ctx.record(PASS, f"{path_of(plan.pool)} -> sum pool; threshold of {path_of(plan.consumer)} x {1 / plan.factor:g}")
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return PassResult(gm, bool(plans))
+    return PassResult(gm, bool(lowered))
 
 
 avgpool_to_sumpool.check = check

@@ -29,10 +29,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxlava.errors import Issue, UnsupportedModelError, issue_at
+from fxlava.errors import Issue, issue_at
 from fxlava.pass_manager import CompileContext, PassResult
-from fxlava.rewrite import bypass, module_of, path_of, set_module
-from fxlava.rules import SYNAPSES
+from fxlava.rewrite import add_module, bypass, module_of, path_of, set_module
+from fxlava.target import SYNAPSES
 
 PASS = "fold_batchnorm"
 
@@ -94,11 +94,11 @@ def _scale_and_shift(bn) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, beta - scale * mean
 
 
-def _plan(gm: fx.GraphModule) -> tuple[list[_Fold], list[Issue]]:
+def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Fold], list[Issue]]:
     folds, issues = [], []
     for node in gm.graph.nodes:
         bn = module_of(gm, node)
-        if bn is None or not _is_normalisation(bn):
+        if bn is None or not _is_normalisation(bn) or ctx.is_refused(node):
             continue
         if type(bn) not in _foldable_types():
             issues.append(issue_at(node, *_why_not_foldable(bn), module=bn))
@@ -143,15 +143,17 @@ def _plan(gm: fx.GraphModule) -> tuple[list[_Fold], list[Issue]]:
 
 def check(gm: fx.GraphModule, ctx: CompileContext):
     """Issues for every normalisation that is not a shift-free BatchNorm right after a synapse."""
-    return _plan(gm)[1]
+    return _plan(gm, ctx)[1]
 
 
 def fold_batchnorm(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Fold each BatchNorm into the synapse before it (eval mode; refused if it has a shift)."""
-    folds, issues = _plan(gm)
-    if issues:
-        raise UnsupportedModelError(issues)
+    folds, issues = _plan(gm, ctx)
+    ctx.refuse(issues)
     for fold in folds:
+        if ctx.is_refused(fold.synapse):  # it folds once the synapse is fixed; nothing else to report here
+            ctx.leave(fold.bn, because=fold.synapse)
+            continue
         syn = module_of(gm, fold.synapse)
         folded = copy.deepcopy(syn)  # a synapse module called from several places keeps its weights there
         shape = (-1,) + (1,) * (syn.weight.dim() - 1)
@@ -160,9 +162,7 @@ def fold_batchnorm(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         shared = any(n is not fold.synapse and n.op == "call_module" and n.target == fold.synapse.target
                      for n in gm.graph.nodes)
         if shared:
-            target = f"_fxlava_bnfold_{fold.synapse.name}"
-            gm.add_submodule(target, folded)
-            fold.synapse.target = target
+            fold.synapse.target = add_module(gm, f"_fxlava_bnfold_{fold.synapse.name}", folded)
         else:
             set_module(gm, fold.synapse.target, folded)
         fold.synapse.meta["fxlava_folded_batchnorm"] = path_of(fold.bn)
@@ -171,7 +171,7 @@ def fold_batchnorm(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         bypass(gm, fold.bn)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return PassResult(gm, bool(folds))
+    return PassResult(gm, any(not ctx.is_settled(f.bn) for f in folds))
 
 
 fold_batchnorm.check = check

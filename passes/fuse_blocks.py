@@ -2,61 +2,80 @@
 
 After this pass the graph is a chain of blocks in lava-dl's [N, *, T] layout; insert_layout
 makes it speak SpikingJelly's [T, N, *] again at its boundaries.
+
+This is the pass that needs everything else gone, so it refuses what no pass lowered, whatever
+the pipeline: a graph that still branches (naming the fork, the merge and both paths), modules
+the target lacks (with the target description's fix), and synapses or neurons without their
+partner. What follows from a node an earlier pass refused is not reported again.
 """
 from __future__ import annotations
 
 import torch.fx as fx
 
 from fxlava.blocks import FlattenBlock, SynapseBlock
-from fxlava.errors import UnsupportedModelError, issue_at
+from fxlava.chain import chain_issues
 from fxlava.neuron import CubaNeuron
 from fxlava.pass_manager import CompileContext, PassResult
-from fxlava.rewrite import module_of, next_module_node, path_of, replace_with_module
-from fxlava.rules import FLATTENS, SYNAPSES
+from fxlava.rewrite import fresh_name, module_of, next_module_node, path_of, replace_with_module
+from fxlava.target import fix_for_op, role_of, unlowered
 
 PASS = "fuse_blocks"
 
+_SYNAPSE_ALONE = ("a synapse not followed by a spiking neuron (each Loihi layer is synapse + neuron)",
+                  "put a spiking neuron (IFNode/LIFNode) directly after it; a ReLU, pool or second synapse "
+                  "in between has no Loihi equivalent")
+_NEURON_ALONE = ("a spiking neuron not preceded by a synapse (each Loihi layer is synapse + neuron)",
+                 "feed every neuron from a conv or linear layer (an average pool also works)")
 
-def _leftover_issue(gm, node):
-    m = module_of(gm, node)
-    if isinstance(m, SYNAPSES):
-        return issue_at(node, "a synapse not followed by a spiking neuron (each Loihi layer is synapse + neuron)",
-                        "put a spiking neuron (IFNode/LIFNode) directly after it; a ReLU, pool or second synapse "
-                        "in between has no Loihi equivalent", module=m)
-    if isinstance(m, CubaNeuron):
-        return issue_at(node, "a spiking neuron not preceded by a synapse (each Loihi layer is synapse + neuron)",
-                        "feed every neuron from a conv or linear layer (an average pool also works)", module=m)
-    if m is not None:
-        return issue_at(node, "a module with no Loihi equivalent",
-                        "remove it from the network that goes to Loihi, or write a pass that lowers it", module=m)
-    return issue_at(node, "an operation with no Loihi equivalent",
-                    "remove it from forward(), or write a pass that lowers it")
+
+def _is_cuba(gm, node) -> bool:
+    return node is not None and isinstance(module_of(gm, node), CubaNeuron)
+
+
+def _lowered(m) -> bool:
+    """What a netx layer is made of (``fxlava.target.MAY_FEED``): synapses, CUBA neurons, flattens; or a block."""
+    return isinstance(m, CubaNeuron) or role_of(m) in ("synapse", "flatten", "block")
 
 
 def fuse_blocks(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Fuse each synapse with the neuron after it into a block; turn flattens into flatten blocks."""
-    fused, issues = [], []
+    branch_issues, branched = chain_issues(gm)
+    ctx.refuse(branch_issues)
+    free = [n for n in gm.graph.nodes
+            if n.op not in ("placeholder", "output") and not ctx.is_settled(n) and n not in branched]
+    # what no pass lowered, by the target's fix for its kind; refused first, so that what merely
+    # lacks its partner next to it is not reported as well
+    for node in free:
+        m = module_of(gm, node)
+        if m is None:
+            ctx.refuse(node, *fix_for_op(node))
+        elif not _lowered(m):
+            ctx.refuse(node, *unlowered(m), module=m)
+    fused = []
+    for node in free:
+        if node.graph is None or ctx.is_settled(node):
+            continue
+        m, user = module_of(gm, node), next_module_node(node)
+        if role_of(m) == "synapse" and _is_cuba(gm, user) and not ctx.is_settled(user) and user not in branched:
+            source = tuple(p for p in (node.meta.get("fxlava_merged_pool"), path_of(node), path_of(user)) if p)
+            block = SynapseBlock(m, module_of(gm, user), kind=node.meta.get("fxlava_kind", ""), source=source)
+            fused.append(replace_with_module(gm, [node, user], block, fresh_name(gm, f"block{len(fused)}"),
+                                             meta_from=user))
+        elif role_of(m) == "flatten":
+            fused.append(replace_with_module(gm, [node], FlattenBlock(source=(path_of(node),)),
+                                             fresh_name(gm, f"block{len(fused)}")))
     for node in list(gm.graph.nodes):
-        if node.op in ("placeholder", "output") or node.graph is None:
+        if node in fused or node.op in ("placeholder", "output") or ctx.is_settled(node) or node in branched:
             continue
         m = module_of(gm, node)
-        user = next_module_node(node)
-        neuron = module_of(gm, user) if user is not None else None
-        target = f"block{len(fused)}"
-        if isinstance(m, SYNAPSES) and isinstance(neuron, CubaNeuron):
-            source = tuple(p for p in (node.meta.get("fxlava_merged_pool"), path_of(node), path_of(user)) if p)
-            block = SynapseBlock(m, neuron, kind=node.meta.get("fxlava_kind", ""), source=source)
-            new = replace_with_module(gm, [node, user], block, target, meta_from=user)
-        elif isinstance(m, FLATTENS):
-            new = replace_with_module(gm, [node], FlattenBlock(source=(path_of(node),)), target)
-        else:
-            continue
-        fused.append(new)
-    for node in gm.graph.nodes:
-        if node.op not in ("placeholder", "output") and node not in fused:
-            issues.append(_leftover_issue(gm, node))
-    if issues:
-        raise UnsupportedModelError(issues)
+        if role_of(m) == "synapse":
+            user = next_module_node(node)
+            if user is None or not ctx.is_settled(user):  # a refused neighbour was reported already
+                ctx.refuse(node, *_SYNAPSE_ALONE, module=m)
+        elif isinstance(m, CubaNeuron):
+            src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            if src is None or not ctx.is_settled(src):
+                ctx.refuse(node, *_NEURON_ALONE, module=m)
     gm.delete_all_unused_submodules()
     gm.recompile()
     ctx.record(PASS, f"{len(fused)} blocks: " + ", ".join(type(module_of(gm, n)).__name__ for n in fused))

@@ -24,5 +24,6 @@ def insert_layout(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     with graph.inserting_before(out):
         to_tnx = graph.call_function(NXT_to_TNX, (result,))
     out.args = (to_tnx,)
+    gm.meta["fxlava_layout"] = "sequence"  # the graph itself now takes [T, N, *] (fxlava.run_graph)
     gm.recompile()
     return PassResult(gm, True)

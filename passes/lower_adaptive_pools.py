@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
-from fxlava.errors import UnsupportedModelError, issue_at
+from fxlava.errors import issue_at
 from fxlava.pass_manager import CompileContext, PassResult
 from fxlava.rewrite import module_nodes, path_of, set_module
 
@@ -19,9 +19,11 @@ PASS = "lower_adaptive_pools"
 ADAPTIVE = {nn.AdaptiveAvgPool2d: nn.AvgPool2d, nn.AdaptiveMaxPool2d: nn.MaxPool2d}
 
 
-def _plan(gm: fx.GraphModule):
+def _plan(gm: fx.GraphModule, ctx: CompileContext):
     plans, issues = [], []
     for node, m in module_nodes(gm, tuple(ADAPTIVE)):
+        if ctx.is_refused(node):
+            continue
         shape = node.args[0].meta.get("fxlava_shape") if isinstance(node.args[0], fx.Node) else None
         if getattr(m, "return_indices", False) or shape is None or len(shape) != 3:
             issues.append(issue_at(node, "an adaptive pool fxlava cannot size (return_indices, or no [C, H, W] input)",
@@ -42,14 +44,13 @@ def _plan(gm: fx.GraphModule):
 
 def check(gm: fx.GraphModule, ctx: CompileContext):
     """Issues for every adaptive 2-d pool whose output size does not divide its input size."""
-    return _plan(gm)[1]
+    return _plan(gm, ctx)[1]
 
 
 def lower_adaptive_pools(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Turn adaptive 2-d pools with evenly dividing sizes into AvgPool2d / MaxPool2d."""
-    plans, issues = _plan(gm)
-    if issues:
-        raise UnsupportedModelError(issues)
+    plans, issues = _plan(gm, ctx)
+    ctx.refuse(issues)
     for node, pool in plans:
         old = type(gm.get_submodule(node.target)).__name__
         set_module(gm, node.target, pool)

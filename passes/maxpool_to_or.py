@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from fxlava.blocks import window_conv
-from fxlava.errors import Issue, UnsupportedModelError, issue_at
+from fxlava.errors import Issue, issue_at
 from fxlava.neuron import CubaNeuron
 from fxlava.pass_manager import CompileContext, PassResult
-from fxlava.rewrite import module_of, next_module_node, path_of, set_module
-from fxlava.rules import IDENTITIES, MAX_POOLS
+from fxlava.rewrite import add_module, module_of, next_module_node, path_of, set_module
+from fxlava.target import MAX_POOLS, is_neuron
 
 PASS = "maxpool_to_or"
 #: Weight of every synapse of the pooling layer (on lava-dl's 2/64 grid: mantissa 64).
@@ -68,53 +68,35 @@ def _window(pool: nn.MaxPool2d):
     return k, _pair(pool.stride or k), _pair(pool.padding), _pair(pool.dilation)
 
 
-def _neuron_types() -> tuple:
-    from spikingjelly.activation_based import neuron
-
-    return neuron.BaseNode, CubaNeuron
-
-
-def _pass_through_types() -> tuple:
-    from spikingjelly.activation_based import layer
-
-    return IDENTITIES + (layer.Dropout,)  # still in the graph when the checks run
-
-
 def _is_binary(x: torch.Tensor) -> bool:
     return bool(((x == 0) | (x == 1)).all())
 
 
 def _spike_source(gm: fx.GraphModule, node: fx.Node, ctx: CompileContext):
-    """(True, neuron node or None) if ``node``'s input is spikes, else (False, (reason, fix))."""
+    """(True, neuron node or None) if ``node``'s input is spikes, (None, refused node) if that depends on a
+    refused node, else (False, (reason, fix))."""
     src = node.args[0]
-    while True:
-        if not isinstance(src, fx.Node):
-            return False, ("a max pool of a constant", _FIX_SOURCE)
-        m = module_of(gm, src)
-        if src.op == "placeholder":
-            if _is_binary(ctx.example_input):
-                return True, None
-            return False, ("a max pool of the network input, and the example input is not binary (0/1): "
-                           "only a max over spikes is an OR",
-                           "compile with spike input (0/1), which is all Lava takes, or " + _FIX_SOURCE)
-        if isinstance(m, _pass_through_types()):
-            src = src.args[0]
-            continue
-        if isinstance(m, _neuron_types()):
-            return True, src
-        if isinstance(m, MAX_POOLS):  # a max pool of spikes gives spikes; its own check covers its input
-            ok, found = _spike_source(gm, src, ctx)
-            return True, (found if ok else None)
-        what = f"{path_of(src)} ({type(m).__name__})" if m is not None else f"<{src.name}>"
-        return False, (f"a max pool of values that are not spikes (its input comes from {what}, not from a "
-                       f"spiking neuron)", _FIX_SOURCE)
-
-
-def _next_non_identity(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
-    user = next_module_node(node)
-    while user is not None and isinstance(module_of(gm, user), _pass_through_types()):
-        user = next_module_node(user)
-    return user
+    if not isinstance(src, fx.Node):
+        return False, ("a max pool of a constant", _FIX_SOURCE)
+    m = module_of(gm, src)
+    if src.op == "placeholder":
+        if _is_binary(ctx.example_input):
+            return True, None
+        return False, ("a max pool of the network input, and the example input is not binary (0/1): "
+                       "only a max over spikes is an OR",
+                       "compile with spike input (0/1), which is all Lava takes, or " + _FIX_SOURCE)
+    if ctx.is_settled(src):
+        return None, src
+    if is_neuron(m):
+        return True, src
+    if isinstance(m, MAX_POOLS):  # a max pool of spikes gives spikes; its own plan covers its input
+        ok, found = _spike_source(gm, src, ctx)
+        if ok is None:
+            return None, found
+        return True, (found if ok else None)
+    what = f"{path_of(src)} ({type(m).__name__})" if m is not None else f"<{src.name}>"
+    return False, (f"a max pool of values that are not spikes (its input comes from {what}, not from a "
+                   f"spiking neuron)", _FIX_SOURCE)
 
 
 def _window_issue(pool: nn.MaxPool2d, shape_in) -> Optional[tuple]:
@@ -133,11 +115,12 @@ def _window_issue(pool: nn.MaxPool2d, shape_in) -> Optional[tuple]:
     return None
 
 
-def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Issue]]:
-    plans, issues = [], []
+def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Issue], list[tuple]]:
+    """(plans, issues, left): ``left`` pairs a max pool with the refused node its input depends on."""
+    plans, issues, left = [], [], []
     for node in gm.graph.nodes:
         pool = module_of(gm, node)
-        if not isinstance(pool, MAX_POOLS):
+        if not isinstance(pool, MAX_POOLS) or ctx.is_refused(node):
             continue
         found = []
         if pool.return_indices:
@@ -152,18 +135,22 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
             if problem is not None:
                 found.append(problem)
         ok, source = _spike_source(gm, node, ctx)
-        if not ok:
+        if ok is False:
             found.append(source)
-        user = _next_non_identity(gm, node)
-        if user is not None and isinstance(module_of(gm, user), _neuron_types()):
+        user = next_module_node(node)
+        if user is not None and is_neuron(module_of(gm, user)):
             found.append(("a max pool that feeds a spiking neuron with no synapse in between (each Loihi layer "
                           "is synapse + neuron)",
                           "remove that neuron (the max of spikes already is spikes), or put a conv or linear "
                           "layer between the max pool and the neuron"))
         issues.extend(issue_at(node, reason, fix, module=pool) for reason, fix in found)
-        if not found:
+        if found:
+            continue
+        if ok is None:
+            left.append((node, source))
+        else:
             plans.append(_Plan(node, shape_in[0], source))
-    return plans, issues
+    return plans, issues, left
 
 
 def check(gm: fx.GraphModule, ctx: CompileContext):
@@ -185,10 +172,11 @@ def or_neuron(surrogate_function=None, detach_reset: bool = False) -> CubaNeuron
 
 def maxpool_to_or(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Turn max pools of spikes into OR layers: a grouped ones conv and a memoryless neuron with threshold 0.5."""
-    plans, issues = _plan(gm, ctx)
-    if issues:
-        raise UnsupportedModelError(issues)
-    for i, plan in enumerate(plans):
+    plans, issues, left = _plan(gm, ctx)
+    ctx.refuse(issues)
+    for node, refused in left:  # whether its input is spikes is known once that node is fixed
+        ctx.leave(node, because=refused)
+    for plan in plans:
         node, pool = plan.pool, module_of(gm, plan.pool)
         upstream = module_of(gm, plan.surrogate_from) if plan.surrogate_from is not None else None
         if isinstance(upstream, CubaNeuron):
@@ -197,14 +185,11 @@ def maxpool_to_or(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
             neuron = or_neuron()
         set_module(gm, node.target, or_pool(plan.channels, pool))
         node.meta["fxlava_kind"] = "maxpool"
-        target = f"_fxlava_or_neuron_{i}"
-        while hasattr(gm, target):
-            target += "_"
-        gm.add_submodule(target, neuron)
+        target = add_module(gm, "_fxlava_or_neuron", neuron)
         with gm.graph.inserting_after(node):
             fire = gm.graph.call_module(target, (node,))
         node.replace_all_uses_with(fire, delete_user_cb=lambda u: u is not fire)
-        for key in ("stack_trace", "fxlava_path", "fxlava_shape"):
+        for key in ("stack_trace", "fxlava_path", "fxlava_shape", "fxlava_order"):
             if key in node.meta:
                 fire.meta[key] = node.meta[key]
         k, s, p, d = _window(pool)

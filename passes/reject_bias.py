@@ -1,10 +1,10 @@
 """reject_bias: Loihi CUBA blocks in netx have no synaptic bias; refuse every biased synapse at once."""
 import torch.fx as fx
 
-from fxlava.errors import UnsupportedModelError, issue_at
+from fxlava.errors import issue_at
 from fxlava.pass_manager import CompileContext, PassResult
 from fxlava.rewrite import module_nodes
-from fxlava.rules import SYNAPSES
+from fxlava.target import SYNAPSES
 
 REASON = "a synapse with a bias (Loihi blocks exported to netx have no bias)"
 
@@ -20,9 +20,7 @@ def check(gm: fx.GraphModule, ctx: CompileContext):
 
 def reject_bias(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Refuse every conv/linear synapse that has a bias, naming them all."""
-    issues = check(gm, ctx)
-    if issues:
-        raise UnsupportedModelError(issues)
+    ctx.refuse(check(gm, ctx))
     return PassResult(gm, False)
 
 

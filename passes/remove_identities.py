@@ -2,20 +2,16 @@
 import torch.fx as fx
 
 from fxlava.pass_manager import CompileContext, PassResult
-from fxlava.rewrite import bypass, module_nodes, path_of
-from fxlava.rules import IDENTITIES
-
-
-def _identity_types():
-    from spikingjelly.activation_based import layer
-
-    return IDENTITIES + (layer.Dropout,)  # layer.Dropout2d subclasses layer.Dropout
+from fxlava.rewrite import bypass, module_of, path_of
+from fxlava.target import role_of
 
 
 def remove_identities(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Remove Identity and Dropout modules, which are identities in eval mode."""
     removed = []
-    for node, _ in module_nodes(gm, _identity_types()):
+    for node in list(gm.graph.nodes):
+        if role_of(module_of(gm, node)) != "identity" or ctx.is_refused(node):
+            continue
         removed.append(path_of(node))
         bypass(gm, node)
     if removed:

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from fxlava.errors import FxlavaError, UnsupportedModelError, issue_at
+from fxlava.errors import FxlavaError, issue_at
 from fxlava.pass_manager import CompileContext, PassResult
 from fxlava.rewrite import module_nodes, path_of
 
@@ -63,13 +63,11 @@ def check(gm: fx.GraphModule, ctx: CompileContext):
 
 def resolve_conv_padding(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Make every conv's padding explicit, symmetric and zero (padding='same'/'valid' -> integers)."""
-    issues = check(gm, ctx)
-    if issues:
-        raise UnsupportedModelError(issues)
+    ctx.refuse(check(gm, ctx))  # also for a conv refused already: a second, independent problem
     changed = []
     for node, conv in module_nodes(gm, nn.Conv2d):
         padding, _ = _explicit_padding(conv)
-        if conv.padding == padding and conv.padding_mode == "zeros":
+        if ctx.is_refused(node) or padding is None or (conv.padding == padding and conv.padding_mode == "zeros"):
             continue
         shape_in = node.args[0].meta.get("fxlava_shape")
         before = (conv.padding, conv.padding_mode)

@@ -48,19 +48,19 @@ from typing import Union
 import torch
 import torch.fx as fx
 
-from fxlava.errors import UnsupportedModelError, issue_at
+from fxlava.errors import Issue, issue_at
 from fxlava.neuron import CubaNeuron
 from fxlava.pass_manager import CompileContext, PassResult
 from fxlava.rewrite import module_of, path_of, set_module
-from fxlava.rules import SYNAPSES
+from fxlava.target import NEURON_SCALE, SYNAPSES, is_stateful
 
 PASS = "substitute_neurons"
 OPTION = "decay_input_scale"  # fxlava.compile(..., decay_input_scale="weights" | "threshold")
 
 log = logging.getLogger(__name__)
 
-#: Neuron (state) scale of Loihi's CUBA neuron in netx: threshold mantissa = 64 * threshold.
-LOIHI_SCALE = 1 << 6
+#: Neuron (state) scale of Loihi's CUBA neuron in netx: threshold mantissa = 64 * threshold (fxlava.target).
+LOIHI_SCALE = NEURON_SCALE
 
 _FIX_NEURON = ("use neuron.IFNode, LIFNode, ParametricLIFNode, CUBALIFNode or lava_exchange.CubaLIFNode "
                "with v_reset=0.0 and retrain")
@@ -145,15 +145,13 @@ def _sj():
 
 def _is_stateful(m) -> bool:
     """A SpikingJelly neuron or other stateful module that this pass must substitute or refuse."""
-    from spikingjelly.activation_based import layer
+    from fxlava.target import role_of
 
-    base, _, _ = _sj()
-    if isinstance(m, CubaNeuron) or isinstance(m, layer.Dropout):  # Dropout: remove_identities
+    if isinstance(m, CubaNeuron) or role_of(m) == "identity":  # SpikingJelly's Dropout: remove_identities
         return False
-    module = type(m).__module__
-    if module.startswith("spikingjelly.activation_based.layer.bn"):  # normalisations: fold_batchnorm
+    if type(m).__module__.startswith("spikingjelly.activation_based.layer.bn"):  # normalisations: fold_batchnorm
         return False
-    return isinstance(m, base.MemoryModule) or module.startswith("spikingjelly.activation_based.neuron")
+    return is_stateful(m)
 
 
 def _reset_refusal(m):
@@ -274,29 +272,24 @@ def cuba_mapping(m) -> Union[CubaMapping, Refusal]:
     return mapping
 
 
-def _fed_from_pool(gm, node) -> bool:
-    src = node.args[0] if node.args else None
-    m = module_of(gm, src) if isinstance(src, fx.Node) else None
-    return isinstance(m, torch.nn.AvgPool2d)
+def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[tuple[fx.Node, CubaMapping]], list[Issue]]:
+    """(node, mapping) for every neuron to substitute, and an issue for every other stateful module."""
+    plans, issues = [], []
+    for node in gm.graph.nodes:
+        m = module_of(gm, node)
+        if m is None or not _is_stateful(m) or ctx.is_refused(node):
+            continue
+        result = cuba_mapping(m)
+        if isinstance(result, Refusal):
+            issues.append(issue_at(node, result.reason, result.fix, module=m))
+        else:
+            plans.append((node, result))
+    return plans, issues
 
 
 def check(gm: fx.GraphModule, ctx: CompileContext):
     """Issues for every neuron this pass cannot substitute and every other stateful module."""
-    _, lava_exchange, _ = _sj()
-    issues = []
-    for node in gm.graph.nodes:
-        m = module_of(gm, node)
-        if m is None or not _is_stateful(m):
-            continue
-        result = cuba_mapping(m)
-        if isinstance(result, CubaMapping) and isinstance(m, lava_exchange.CubaLIFNode) and _fed_from_pool(gm, node):
-            result = Refusal("a CubaLIFNode fed by an average pool: its fixed-point arithmetic does not allow "
-                             "moving the pool's 1/k^2 into its threshold",
-                             "put a conv or linear layer after the pool (the pool merges into it), or use IFNode / "
-                             "LIFNode after the pool")
-        if isinstance(result, Refusal):
-            issues.append(issue_at(node, result.reason, result.fix, module=m))
-    return issues
+    return _plan(gm, ctx)[1]
 
 
 def _scale_synapse(gm: fx.GraphModule, node: fx.Node, scale: Fraction) -> bool:
@@ -314,17 +307,11 @@ def _scale_synapse(gm: fx.GraphModule, node: fx.Node, scale: Fraction) -> bool:
 
 def substitute_neurons(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Replace SpikingJelly neurons by quantised CUBA neurons, keeping surrogate and detach_reset."""
-    issues, changed = check(gm, ctx), []
-    if issues:
-        raise UnsupportedModelError(issues)
-    where = ctx.options.get(OPTION, "weights")
-    if where not in ("weights", "threshold"):
-        raise ValueError(f"{OPTION}={where!r}: expected 'weights' or 'threshold'")
-    for node in gm.graph.nodes:
+    plans, issues = _plan(gm, ctx)
+    ctx.refuse(issues)
+    where, changed = ctx.options.decay_input_scale, []
+    for node, mapping in plans:
         m = module_of(gm, node)
-        if m is None or not _is_stateful(m):
-            continue
-        mapping = cuba_mapping(m)
         threshold, notes = mapping.threshold, []
         scale = mapping.input_scale
         if scale != 1:
@@ -338,10 +325,9 @@ def substitute_neurons(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
             cuba = CubaNeuron(threshold, mapping.current_decay, mapping.voltage_decay,
                               surrogate_function=m.surrogate_function, detach_reset=m.detach_reset)
         except ValueError as exc:
-            raise UnsupportedModelError([issue_at(node, f"a neuron whose threshold Loihi cannot represent after "
-                                                        f"rescaling ({exc})",
-                                                  "lower the threshold or tau, or compile with "
-                                                  f"{OPTION}='weights'", module=m)]) from None
+            ctx.refuse(node, f"a neuron whose threshold Loihi cannot represent after rescaling ({exc})",
+                       f"lower the threshold or tau, or compile with {OPTION}='weights'", module=m)
+            continue
         set_module(gm, node.target, cuba)
         changed.append(path_of(node))
         if mapping.frozen:

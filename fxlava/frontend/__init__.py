@@ -7,8 +7,10 @@ The stages, one file each, in the order ``trace`` runs them:
 * ``tracer.py``: torch.fx tracing of a copy of the model, SpikingJelly's modules kept as leaves;
 * ``readout.py``: the parameter-free ops after the last spiking layer, cut off into a ``Readout``
   that runs on the host;
-* ``canonical.py``: the canonical form the built-in passes read;
-* ``topology.py``: the straight-chain check netx needs (``chain_issues``).
+* ``canonical.py``: the canonical form the built-in passes read.
+
+Forks and merges are kept: ``fuse_blocks`` refuses a graph still branched when blocks are fused
+(``fxlava/chain.py``, whose ``chain_issues`` stays importable here), so passes may lower them.
 
 The canonical form is one node per operation, executed once per time step on ``[N, *]`` tensors
 (SpikingJelly's single-step semantics), with
@@ -23,10 +25,11 @@ The canonical form is one node per operation, executed once per time step on ``[
 * reshapes that only merge or split the time and batch dimensions removed, reshapes that
   flatten one sample turned into ``nn.Flatten`` modules, and functional pooling / dropout
   calls turned into the equivalent modules.
-Whatever cannot be put in that form is left in the graph as it is and reported by the
-up-front checks. Each node keeps its user-facing module path (``meta['fxlava_path']``),
+Whatever cannot be put in that form is left in the graph as it is, for the passes to
+lower or refuse. Each node keeps its user-facing module path (``meta['fxlava_path']``),
 the user's source line (``meta['stack_trace']``) and its per-sample output shape
-(``meta['fxlava_shape']``).
+(``meta['fxlava_shape']``) and its place in the model (``meta['fxlava_order']``), by which
+errors list their issues.
 """
 from __future__ import annotations
 
@@ -38,11 +41,11 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fxlava.chain import chain_issues
 from fxlava.errors import FxlavaError, UnsupportedModelError
 from fxlava.frontend.canonical import _Canonicalizer, _fill_shapes
 from fxlava.frontend.readout import Readout, split_readout
 from fxlava.frontend.step_modes import _set_single_step, detect_step_mode, reset_states, run_per_step
-from fxlava.frontend.topology import chain_issues
 from fxlava.frontend.tracer import SpikingTracer
 
 __all__ = ["SpikingTracer", "trace", "detect_step_mode", "chain_issues", "run_per_step", "reset_states", "Readout"]
@@ -99,7 +102,10 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[fx.GraphModule
     gm.graph.eliminate_dead_code()  # shape queries (x.shape[0]) that only fed removed reshapes
     gm.recompile()
     _fill_shapes(gm, example_input[0])
+    for i, n in enumerate(gm.graph.nodes):  # the model order, in which errors list their issues
+        n.meta["fxlava_order"] = i
     gm.meta["fxlava_step_mode"] = step_mode
+    gm.meta["fxlava_layout"] = "per_step"  # see fxlava.graph_runner.run_graph
     gm.meta["fxlava_readout"] = readout or Readout(step_mode=step_mode)
     return gm, step_mode
 

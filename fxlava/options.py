@@ -1,0 +1,66 @@
+"""Compile options: one typed, validated object, shared by ``fxlava.compile`` and the CLI.
+
+An option is one field of ``CompileOptions``: its default, its allowed values (``choices``) and
+its help text. ``fxlava.compile(model, x, **options)`` and ``fxlava-compile --option-name``
+both go through ``CompileOptions.from_kwargs``, so a misspelt option is an error naming the
+valid ones, never a silent default. Adding an option is adding a field.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CompileOptions", "add_arguments", "from_arguments"]
+
+
+def _option(default, choices: tuple, help: str):
+    return field(default=default, metadata={"choices": tuple(choices), "help": help})
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Options of ``fxlava.compile`` (also ``fxlava-compile --decay-input-scale`` and so on)."""
+
+    decay_input_scale: str = _option(
+        "weights", ("weights", "threshold"),
+        "where substitute_neurons puts a neuron's input scale (decay_input=True: 1/tau): into the weights of "
+        "the synapse that feeds it, or into its threshold")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ValueError(f"{f.name}={value!r}: expected one of {', '.join(map(repr, choices))}")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_kwargs(cls, **options: Any) -> "CompileOptions":
+        """Options from keyword arguments; an unknown name raises TypeError listing the valid ones."""
+        unknown = sorted(set(options) - set(cls.names()))
+        if unknown:
+            raise TypeError(f"unknown compile option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                            f"valid options: {', '.join(cls.names())}")
+        return cls(**options)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """Dict-style access, for passes written against the earlier ``ctx.options`` dict."""
+        return getattr(self, name, default)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--option-name`` flag per compile option, with its choices, default and help."""
+    group = parser.add_argument_group("compile options")
+    for f in dataclasses.fields(CompileOptions):
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default,
+                           choices=f.metadata.get("choices") or None,
+                           help=f"{f.metadata.get('help', '')} (default: {f.default})")
+
+
+def from_arguments(args: argparse.Namespace) -> CompileOptions:
+    """The compile options a parsed command line asks for."""
+    return CompileOptions.from_kwargs(**{name: getattr(args, name) for name in CompileOptions.names()})
