@@ -5,6 +5,7 @@ _compat.install()  # before anything imports lava (see fxlava/compat.py)
 
 from fxlava.errors import FxlavaError, Issue, PassError, UnsupportedModelError  # noqa: E402
 from fxlava.layout import NXT_to_TNX, TNX_to_NXT  # noqa: E402
+from fxlava.options import CompileOptions  # noqa: E402
 from fxlava.pass_manager import CompileContext, Pass, PassResult, Pipeline  # noqa: E402
 from fxlava.compiler import CompiledNetwork, compile  # noqa: E402
 
@@ -16,6 +17,13 @@ def default_pipeline() -> Pipeline:
     return _default()
 
 
+def run_graph(gm, x):
+    """Run a graph module at any point of the pipeline on [T, N, *] spikes; see fxlava.graph_runner."""
+    from fxlava.graph_runner import run_graph as _run
+
+    return _run(gm, x)
+
+
 def run_lava(path, x, **kwargs):
     """Run a netx file in Lava's CPU simulator on [N, *, T] spikes; see fxlava.lava_runner.run_lava."""
     from fxlava.lava_runner import run_lava as _run
@@ -24,7 +32,7 @@ def run_lava(path, x, **kwargs):
 
 
 __all__ = [
-    "compile", "CompiledNetwork", "default_pipeline", "run_lava", "TNX_to_NXT", "NXT_to_TNX",
+    "compile", "CompiledNetwork", "CompileOptions", "default_pipeline", "run_graph", "run_lava", "TNX_to_NXT", "NXT_to_TNX",
     "Pipeline", "Pass", "PassResult", "CompileContext",
     "FxlavaError", "UnsupportedModelError", "PassError", "Issue",
 ]
