@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -13,7 +14,8 @@ import torch.nn as nn
 
 import fxlava
 from fxlava.blocks import SynapseBlock
-from fxlava.rules import WEIGHT_MAX, WEIGHT_MIN, quantize_weight
+from fxlava.options import add_arguments, from_arguments
+from fxlava.target import WEIGHT_MAX, WEIGHT_MIN, quantize_weight
 
 
 def _load_object(spec: str, what: str):
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random example and verification inputs")
     p.add_argument("--rate", type=float, default=0.3, help="spike probability of the random inputs")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    add_arguments(p)  # one flag per fxlava.compile option (fxlava.options.CompileOptions)
     return p
 
 
@@ -125,7 +128,8 @@ def run(args) -> int:
     g = torch.Generator().manual_seed(args.seed)
     x = (torch.rand(shape, generator=g) < args.rate).float()
     model = load_model(args.model, args.weights)
-    net = fxlava.compile(model, x, pipeline=pipeline)
+    options = dataclasses.asdict(from_arguments(args))
+    net = fxlava.compile(model, x, pipeline=pipeline, **options)
     print("pipeline:")
     print(pipeline)
     print()
