@@ -13,9 +13,9 @@ def _is_spikingjelly(m: nn.Module) -> bool:
 
 def _is_neuron_subclass(m: nn.Module) -> bool:
     """A user's subclass of a SpikingJelly neuron: a leaf, so that substitute_neurons names it."""
-    from spikingjelly.activation_based import neuron
+    from fxlava.target import is_neuron
 
-    return isinstance(m, (neuron.BaseNode, neuron.SimpleBaseNode))
+    return is_neuron(m)
 
 
 class SpikingTracer(fx.Tracer):
