@@ -186,6 +186,20 @@ def test_old_style_pass_that_raises_is_collected_with_the_others():
     assert paths == ["0", "0", "1"] and "a user's rule" in str(err) and "soft-reset" in str(err)
 
 
+def test_a_pass_failing_after_refusals_reports_the_refusals():
+    """A pass that trips over a refused node does not hide the model's problems behind a PassError."""
+    def explode(gm, ctx):
+        raise RuntimeError("boom")
+
+    model = _seq(layer.Flatten(), layer.Linear(64, 3), neuron.IFNode())
+    with pytest.raises(fxlava.UnsupportedModelError, match="synapse with a bias") as info:
+        fxlava.compile(model, torch.zeros(4, 1, 1, 8, 8), pipeline=default_pipeline().insert_after("reject_bias", explode))
+    assert any("pass 'explode' failed" in note and "boom" in note for note in info.value.__notes__)
+    with pytest.raises(fxlava.PassError, match="pass 'explode' failed"):  # with nothing refused: the pass's error
+        fxlava.compile(_seq(layer.Flatten(), layer.Linear(64, 3, bias=False), neuron.IFNode()),
+                       torch.zeros(4, 1, 1, 8, 8), pipeline=default_pipeline().insert_after("reject_bias", explode))
+
+
 # --- branches reach the passes ---------------------------------------------------------------------------------
 
 class _Residual(nn.Module):
@@ -359,3 +373,31 @@ def test_the_docs_example_pass_by_running_the_graph_before_and_after_it():
     assert not torch.equal(before, after)
     # and the compiled network the docs build is the one with half the thresholds
     assert torch.equal(namespace["net"](x), after)
+
+
+# --- one target description ------------------------------------------------------------------------------------
+
+def test_loihi_numbers_live_in_the_target_description():
+    """No module but fxlava/target.py defines Loihi's scales or bit widths (the others import them)."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    assignment = re.compile(r"^\s*\w+\s*=\s*\(?\s*(1\s*<<\s*(6|12|17)|4096|64)\b", re.M)
+    sources = [p for d in ("fxlava", "passes") for p in (repo / d).rglob("*.py") if p.name != "target.py"]
+    assert len(sources) > 20
+    assert [str(p.relative_to(repo)) for p in sources if assignment.search(p.read_text())] == []
+
+
+def test_roles_come_from_the_target_description():
+    from spikingjelly.activation_based import layer as sj_layer
+
+    from fxlava.neuron import CubaNeuron
+    from fxlava.target import role_of
+
+    assert [role_of(m) for m in (sj_layer.Conv2d(1, 1, 1), nn.Linear(1, 1), neuron.LIFNode(), CubaNeuron(1.0, 1.0, 0.0),
+                                 lava_exchange.CubaLIFNode(0.5, 0.5), sj_layer.Dropout(0.5), nn.Identity(),
+                                 sj_layer.AvgPool2d(2), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(2), sj_layer.Flatten(),
+                                 sj_layer.BatchNorm2d(2), layer.SynapseFilter(), nn.ReLU())] == [
+        "synapse", "synapse", "neuron", "neuron", "neuron", "identity", "identity", "avg_pool", "max_pool",
+        "adaptive_pool", "flatten", "norm", "stateful", None]
