@@ -61,7 +61,7 @@ def next_module_node(node: fx.Node) -> Optional[fx.Node]:
     return users[0] if len(users) == 1 else None
 
 
-def fresh_name(gm: fx.GraphModule, hint: str) -> str:
+def fresh_name(gm: nn.Module, hint: str) -> str:
     """An attribute name free on ``gm``: ``hint``, or ``hint_1``, ``hint_2``... if the user's model has it."""
     name, i = hint, 0
     while hasattr(gm, name):
@@ -70,8 +70,8 @@ def fresh_name(gm: fx.GraphModule, hint: str) -> str:
     return name
 
 
-def add_module(gm: fx.GraphModule, hint: str, module: nn.Module) -> str:
+def add_module(gm: nn.Module, hint: str, module: nn.Module) -> str:
     """Add ``module`` to ``gm`` under a fresh name (see ``fresh_name``); returns the name, a call_module target."""
     target = fresh_name(gm, hint)
-    gm.add_submodule(target, module)
+    gm.add_module(target, module)
     return target

@@ -68,10 +68,10 @@ class _Canonicalizer:
             new.meta["fxlava_shape"] = tuple(shape[lead:])
 
     def _add_module(self, module: nn.Module, hint: str) -> str:
+        from fxlava.rewrite import add_module
+
         self.count += 1
-        name = f"_fxlava_{hint}_{self.count}"
-        self.root.add_module(name, module)
-        return name
+        return add_module(self.root, f"_fxlava_{hint}_{self.count}", module)  # never a name the model has
 
     def _emit_module(self, target: str, arg: fx.Node, old: fx.Node, path: str, shape, lead: int) -> fx.Node:
         new = self.graph.call_module(target, (arg,))
