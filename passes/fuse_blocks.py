@@ -41,19 +41,21 @@ def fuse_blocks(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Fuse each synapse with the neuron after it into a block; turn flattens into flatten blocks."""
     branch_issues, branched = chain_issues(gm)
     ctx.refuse(branch_issues)
-    free = [n for n in gm.graph.nodes
-            if n.op not in ("placeholder", "output") and not ctx.is_settled(n) and n not in branched]
-    # what no pass lowered, by the target's fix for its kind; refused first, so that what merely
-    # lacks its partner next to it is not reported as well
-    for node in free:
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and not ctx.is_settled(n)]
+    # what no pass lowered, by the target's fix for its kind, also inside a branch (only the merges
+    # are the branch's own problem); refused first, so that what merely lacks its partner next to
+    # it is not reported as well
+    for node in nodes:
+        if node in branched and len(node.all_input_nodes) > 1:
+            continue
         m = module_of(gm, node)
         if m is None:
             ctx.refuse(node, *fix_for_op(node))
         elif not _lowered(m):
             ctx.refuse(node, *unlowered(m), module=m)
     fused = []
-    for node in free:
-        if node.graph is None or ctx.is_settled(node):
+    for node in nodes:
+        if node.graph is None or ctx.is_settled(node) or node in branched:
             continue
         m, user = module_of(gm, node), next_module_node(node)
         if role_of(m) == "synapse" and _is_cuba(gm, user) and not ctx.is_settled(user) and user not in branched:
@@ -70,11 +72,11 @@ def fuse_blocks(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         m = module_of(gm, node)
         if role_of(m) == "synapse":
             user = next_module_node(node)
-            if user is None or not ctx.is_settled(user):  # a refused neighbour was reported already
+            if user is None or not (ctx.is_settled(user) or user in branched):  # reported already
                 ctx.refuse(node, *_SYNAPSE_ALONE, module=m)
         elif isinstance(m, CubaNeuron):
             src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-            if src is None or not ctx.is_settled(src):
+            if src is None or not (ctx.is_settled(src) or src in branched):
                 ctx.refuse(node, *_NEURON_ALONE, module=m)
     gm.delete_all_unused_submodules()
     gm.recompile()

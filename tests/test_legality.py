@@ -215,6 +215,22 @@ class _Residual(nn.Module):
         return self.sn2(self.out(y))
 
 
+class _ReluInABranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = layer.Conv2d(1, 1, 3, padding=1, bias=False, step_mode="m")
+        self.act = nn.ReLU()
+        self.sn = neuron.IFNode(step_mode="m")
+
+    def forward(self, x):
+        return self.sn(self.conv(x) + self.act(x))
+
+
+def test_a_problem_inside_a_branch_is_reported_with_the_branch():
+    paths, err = _paths(_ReluInABranch(), torch.zeros(4, 1, 1, 8, 8))
+    assert paths == ["", "act"] and "a branch" in str(err) and "Loihi layers pass spikes" in str(err)
+
+
 def test_a_branch_reaches_the_passes_and_a_pass_may_lower_it():
     """A user's pass before fuse_blocks sees the residual add and can rewrite it (here: drop the skip)."""
     seen = []
