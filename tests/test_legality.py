@@ -417,3 +417,42 @@ def test_roles_come_from_the_target_description():
                                  sj_layer.BatchNorm2d(2), layer.SynapseFilter(), nn.ReLU())] == [
         "synapse", "synapse", "neuron", "neuron", "neuron", "identity", "identity", "avg_pool", "max_pool",
         "adaptive_pool", "flatten", "norm", "stateful", None]
+
+
+@pytest.fixture
+def sj_example_csnn(monkeypatch):
+    """SpikingJelly's examples/conv_fashion_mnist.CSNN; torchvision and tensorboard, imported for training only, stubbed."""
+    import importlib
+    import sys
+    import types
+
+    tensorboard = types.ModuleType("torch.utils.tensorboard")
+    tensorboard.SummaryWriter = None
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    monkeypatch.delitem(sys.modules, "spikingjelly.activation_based.examples.conv_fashion_mnist", raising=False)
+    return importlib.import_module("spikingjelly.activation_based.examples.conv_fashion_mnist").CSNN
+
+
+def test_the_graph_runs_after_every_pass_on_spikingjellys_example_csnn(sj_example_csnn):
+    """The example's network (its conv_fc; forward() itself encodes a static image), with BatchNorms folded: after
+    every pass the graph spikes as SpikingJelly's forward (weights and scales chosen so that quantisation and
+    Loihi's strict threshold change nothing)."""
+    net = sj_example_csnn(T=4, channels=4).conv_fc
+    _grid(net, seed=7)
+    for m in net.modules():
+        if isinstance(m, neuron.IFNode):
+            m.v_threshold = THRESHOLD
+        if isinstance(m, nn.BatchNorm2d):  # scale 2, exact in float, and no shift (a shift would be a bias)
+            m.eps = 0.0
+            with torch.no_grad():
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+                m.running_var.fill_(0.25)
+    x = _spikes((6, 2, 1, 28, 28), 8)
+    with torch.no_grad():
+        expected = net(x)
+        _, outs = _run_pipeline_stepwise(net, x, default_pipeline())
+    assert expected.sum() > 0
+    for name, out in outs:
+        assert torch.equal(out, expected), f"after {name}"
