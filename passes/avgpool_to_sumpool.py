@@ -158,6 +158,17 @@ def _merge_dense(pool: nn.AvgPool2d, linear: nn.Linear, factor: float, shape_in)
     return merged
 
 
+def _merge_problem(plan: _Plan, pool: nn.AvgPool2d, consumer: nn.Module) -> str:
+    """Why the pool cannot merge into ``consumer`` ('' if it can), without changing anything."""
+    if plan.action != "conv":
+        return ""
+    try:
+        _merge_conv(pool, consumer, plan.factor, plan.pool.args[0].meta["fxlava_shape"])
+    except FxlavaError as exc:
+        return str(exc)
+    return ""
+
+
 def _self_check(before, after, shape_in, name):
     """The merge is exact in real arithmetic; check it on random data so a wrong merge cannot pass silently."""
     x = torch.rand(2, *shape_in, dtype=torch.float64)
@@ -176,8 +187,14 @@ def avgpool_to_sumpool(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         ctx.leave(pool_node, because=next_module_node(pool_node))  # the neuron is refused, the pool stays
     lowered = []
     for plan in plans:
-        if ctx.is_refused(plan.consumer):  # lowered once the consumer is fixed
-            ctx.leave(plan.pool, because=plan.consumer)
+        if ctx.is_refused(plan.consumer):  # lowered once the consumer is fixed, if the merge can be done
+            problem = _merge_problem(plan, module_of(gm, plan.pool), module_of(gm, plan.consumer))
+            if problem:
+                ctx.refuse(plan.pool, "an average pool that cannot be merged into the next synapse",
+                           f"{problem}; change the padding of {path_of(plan.consumer)} or the pool",
+                           module=module_of(gm, plan.pool))
+            else:
+                ctx.leave(plan.pool, because=plan.consumer)
             continue
         lowered.append(plan)
         pool = module_of(gm, plan.pool)

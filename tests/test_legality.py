@@ -157,6 +157,18 @@ def test_fixing_everything_listed_reveals_no_new_problem(name, broken, fixed, sh
     assert net.blocks
 
 
+def test_a_pool_that_cannot_merge_into_a_refused_synapse_is_reported_with_it():
+    """The merge is tried even though the conv is refused for its bias: fixing the bias then reveals nothing."""
+    def build(bias):
+        return _seq(layer.Conv2d(1, 2, 3, bias=False), neuron.IFNode(), layer.AvgPool2d(2),
+                    layer.Conv2d(2, 2, 3, padding=1, bias=bias), neuron.IFNode())
+
+    x = torch.zeros(4, 1, 1, 9, 9)  # the pool drops a border the padded conv would read
+    biased, unbiased = _paths(build(True), x), _paths(build(False), x)
+    assert biased[0] == ["2", "3"] and unbiased[0] == ["2"]
+    assert "cannot be merged into the next synapse" in str(biased[1])
+
+
 def test_a_do_nothing_user_pass_does_not_change_the_error():
     model = _seq(layer.Flatten(), layer.Linear(64, 8, bias=False), nn.ReLU(), layer.Linear(8, 3, bias=False),
                  neuron.IFNode())
