@@ -53,7 +53,7 @@ def main(argv=None):
     for name in NAMES:
         z = load(name)
         model, x = z.build(), z.example_input()
-        net = fxlava.compile(model, x)
+        net = fxlava.compile(model, x, **z.EXPECT.get("options", {}))
         xr = (torch.rand(x.shape[0], args.samples, *x.shape[2:], generator=torch.Generator().manual_seed(0)) < 0.3).float()
         ref = run_float(model, xr, net.step_mode)
         t0 = time.perf_counter()

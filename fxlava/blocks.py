@@ -1,30 +1,46 @@
 """fxlava's blocks: quantised synapse + CUBA neuron layers in lava-dl's [N, *, T] layout.
 
-A block is what one netx layer is: a synapse (conv or dense, weights on the 8-bit grid) and a
+A block is what one netx layer is: a synapse (conv or dense, weights on the 8-bit grid), an
+optional bias per output channel (Loihi's neuron bias, on the 13-bit grid of step 1/64) and a
 layer of CUBA neurons. Blocks are trainable (straight-through quantisation, the user's
 surrogate); ``fxlava.backends.lava_dl`` turns each into the equal ``slayer.block.cuba`` block.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fxlava.neuron import CubaNeuron
-from fxlava.target import SYNAPSES, quantize_weight
+from fxlava.target import (DECAY_SCALE, STATE_SCALE, SYNAPSES, VOLTAGE_MAX, bias_mantissa, bias_out_of_range,
+                           quantize_bias, quantize_weight)
 
 __all__ = ["SynapseBlock", "FlattenBlock", "is_block", "window_conv"]
 
 
 class SynapseBlock(nn.Module):
-    """Conv or dense synapse with quantised weights, followed by CUBA neurons; [N, *, T] -> [N, *, T]."""
+    """Conv or dense synapse with quantised weights and bias, followed by CUBA neurons; [N, *, T] -> [N, *, T].
+
+    The synapse's own ``bias`` (``block.bias``, None if it has none) is Loihi's neuron bias: a
+    constant added to the voltage every time step. With current decay 1, the only decay a biased
+    block accepts, the current holds nothing over from one step to the next, so that is the same
+    as adding the bias to the synaptic input, which is what ``forward`` does.
+    """
 
     def __init__(self, synapse: nn.Module, neuron: CubaNeuron, kind: str = "", source: tuple = ()):
         super().__init__()
         if not isinstance(synapse, SYNAPSES):
             raise TypeError(f"SynapseBlock takes nn.Conv2d or nn.Linear; got {type(synapse).__name__}")
         if synapse.bias is not None:
-            raise ValueError("Loihi blocks have no bias; the reject_bias pass should have refused this synapse")
+            if neuron.i_decay != DECAY_SCALE:
+                raise ValueError(f"a biased synapse needs neurons with current decay 1 (iDecay {DECAY_SCALE}); got "
+                                 f"iDecay {neuron.i_decay}: Loihi adds the bias to the voltage, which equals a bias on "
+                                 f"the current only when the current does not carry over")
+            why = bias_out_of_range(synapse.bias)
+            if why:
+                raise ValueError(why)
         if isinstance(synapse, nn.Conv2d) and (isinstance(synapse.padding, str) or (
                 synapse.padding_mode != "zeros" and any(synapse.padding))):
             raise ValueError(f"netx convs pad each side with zeros by a number of pixels; got padding={synapse.padding!r}, "
@@ -39,6 +55,46 @@ class SynapseBlock(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         return quantize_weight(self.synapse.weight)
 
+    @property
+    def bias(self):
+        """The bias per output channel, in the weights' real units (the synapse's ``bias``), or None."""
+        return self.synapse.bias
+
+    @property
+    def quantized_bias(self):
+        """The bias Loihi adds (multiples of 1/64, 13-bit mantissa), or None."""
+        return None if self.synapse.bias is None else quantize_bias(self.synapse.bias)
+
+    @property
+    def bias_mantissa(self):
+        """netx's ``bias`` for this layer (bias_mant, exponent 6), int64 per output channel, or None."""
+        return None if self.synapse.bias is None else bias_mantissa(self.synapse.bias)
+
+    @property
+    def voltage_floor_steps(self):
+        """Steps for which Lava's voltage floor provably cannot change a spike of this block, or None for any number.
+
+        Lava clips the voltage at -(2**23 - 1) / 4096 (about -2048); lava-dl and fxlava do not. The voltage
+        falls at most by D per step, D the largest sum over one neuron's fan-in of its negative quantised
+        weights plus its negative bias (all negative inputs spiking), and decays back toward 0 by
+        voltage_decay. So it stays above the floor for any binary input as long as D (1 - (1 - d)^t) / d
+        (D t for d = 0) is not beyond it: for every t when D / d is not.
+        """
+        w = self.quantized_weight.detach().double()
+        drop = (-w.clamp(max=0)).flatten(1).sum(1)
+        if self.synapse.bias is not None:
+            drop = drop - self.quantized_bias.detach().double().clamp(max=0)
+        units = int(round(drop.max().item() * STATE_SCALE)) if drop.numel() else 0  # per step, in 1/4096
+        if units == 0:
+            return None
+        floor = VOLTAGE_MAX  # Lava clips at -VOLTAGE_MAX (lava.proc.lif.models)
+        d = self.neuron.v_decay / DECAY_SCALE
+        if d == 0:
+            return floor // units
+        if units / d <= floor:
+            return None
+        return int(math.floor(math.log1p(-floor * d / units) / math.log1p(-d)))
+
     def synaptic_input(self, x: torch.Tensor) -> torch.Tensor:
         """The synapse applied at every time step: [N, *, T] -> [N, *, T]."""
         n, t = x.shape[0], x.shape[-1]
@@ -52,7 +108,11 @@ class SynapseBlock(nn.Module):
         return y.reshape(n, t, *y.shape[1:]).movedim(1, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.neuron(self.synaptic_input(x))
+        y = self.synaptic_input(x)
+        if self.synapse.bias is not None:
+            # x is a multiple of 1/32 per spike and the bias of 1/64: the sum is exact in float32
+            y = y + self.quantized_bias.reshape((1, -1) + (1,) * (y.dim() - 2)).to(y.dtype)
+        return self.neuron(y)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, source={list(self.source)}"

@@ -53,11 +53,19 @@ def load_model(spec: str, weights: str | None) -> nn.Module:
     return model
 
 
+def _bias_range(block: SynapseBlock) -> str:
+    """'[lo, hi] ([mant lo, mant hi])' of the block's quantised bias, or '' without one."""
+    if block.bias is None:
+        return ""
+    q, m = block.quantized_bias.detach(), block.bias_mantissa
+    return f"[{q.min():.3f}, {q.max():.3f}] ([{int(m.min())}, {int(m.max())}])"
+
+
 def layer_table(net: fxlava.CompiledNetwork) -> str:
-    """One row per netx layer: type, shape, neurons, synapses, neuron parameters, quantisation of weights."""
+    """One row per netx layer: type, shape, neurons, synapses, neuron parameters, quantisation of weights and bias."""
     rows = [("#", "layer", "output", "neurons", "synapses", "threshold (vThMant)", "iDecay", "vDecay",
-             "weights float -> quantised", "clipped", "to zero")]
-    rows.append(("0", "input", "x".join(map(str, net.input_shape)), "", "", "", "", "", "", "", ""))
+             "weights float -> quantised", "clipped", "to zero", "bias quantised (bias_mant)")]
+    rows.append(("0", "input", "x".join(map(str, net.input_shape)), "", "", "", "", "", "", "", "", ""))
     for i, (block, slayer_block) in enumerate(zip(net.blocks, net.lava_dl), start=1):
         if isinstance(block, SynapseBlock):
             w = block.synapse.weight.detach()
@@ -70,12 +78,14 @@ def layer_table(net: fxlava.CompiledNetwork) -> str:
             nr = block.neuron
             rows.append((str(i), block.kind, "x".join(map(str, shape)), str(n), str(w.numel()),
                          f"{nr.threshold:g} ({nr.v_th_mant})", f"{nr.current_decay:g} ({nr.i_decay})",
-                         f"{nr.voltage_decay:g} ({nr.v_decay})", rng, str(clipped), str(zeroed)))
+                         f"{nr.voltage_decay:g} ({nr.v_decay})", rng, str(clipped), str(zeroed), _bias_range(block)))
         else:
             shape = tuple(slayer_block.shape)
             if block.kind == "flatten":  # slayer keeps it as (features, 1, 1)
                 shape = (int(torch.tensor(shape).prod()),)
-            rows.append((str(i), block.kind, "x".join(map(str, shape)), "", "", "", "", "", "", "", ""))
+            rows.append((str(i), block.kind, "x".join(map(str, shape)), "", "", "", "", "", "", "", "", ""))
+    if not any(r[-1] for r in rows[1:]):  # no layer has a bias: leave the column out
+        rows = [r[:-1] for r in rows]
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -103,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _pipeline(args) -> fxlava.Pipeline:
     pipeline = fxlava.default_pipeline()
+    if args.bias == "current":
+        from fxlava.passes import bias_to_current
+
+        pipeline = pipeline.replace("reject_bias", bias_to_current)
     if args.user_pass:
         fn = _load_object(args.user_pass, "--pass")
         if args.after:

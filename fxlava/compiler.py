@@ -1,6 +1,7 @@
 """fxlava.compile: validate the options, trace, run the pass pipeline, and wrap the result with its backends."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Optional, Union
@@ -11,6 +12,7 @@ import torch.nn as nn
 
 from fxlava import frontend
 from fxlava.backends.lava_dl import blocks_of, to_lava_dl
+from fxlava.blocks import SynapseBlock
 from fxlava.options import CompileOptions
 from fxlava.pass_manager import CompileContext, Pipeline
 
@@ -46,6 +48,17 @@ class CompiledNetwork(nn.Module):
         """The fused blocks, in order (one per netx layer after the input layer)."""
         return blocks_of(self.graph_module)
 
+    @property
+    def voltage_floor_steps(self):
+        """Steps for which Lava's voltage floor cannot change any spike, whatever the input (None: any number).
+
+        Longer inputs are exact in Lava too unless a voltage really falls below about -2048; see
+        ``SynapseBlock.voltage_floor_steps`` and docs/support.md.
+        """
+        steps = [b.voltage_floor_steps for b in self.blocks if isinstance(b, SynapseBlock)]
+        steps = [s for s in steps if s is not None]
+        return min(steps) if steps else None
+
     def _weights_key(self):
         return tuple((id(p), p._version) for p in self.graph_module.parameters())
 
@@ -65,6 +78,20 @@ class CompiledNetwork(nn.Module):
         return os.fspath(path)
 
 
+def _with_bias_option(pipeline: Pipeline, opts: CompileOptions) -> tuple[Pipeline, CompileOptions]:
+    """bias='current' puts bias_to_current in place of reject_bias; a pipeline holding bias_to_current means 'current'."""
+    from fxlava.passes import bias_to_current
+
+    if "bias_to_current" in pipeline.names:
+        return pipeline, dataclasses.replace(opts, bias="current")
+    if opts.bias == "current":
+        if "reject_bias" not in pipeline.names:
+            raise ValueError("bias='current' replaces the pass reject_bias by bias_to_current, and this pipeline has "
+                             "neither; add bias_to_current to it yourself")
+        pipeline = pipeline.replace("reject_bias", bias_to_current)
+    return pipeline, opts
+
+
 def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pipeline] = None,
             **options) -> CompiledNetwork:
     """Compile a SpikingJelly model for Loihi; ``example_input`` is [T, N, *] spikes.
@@ -76,6 +103,7 @@ def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pi
 
     opts = CompileOptions.from_kwargs(**options)
     pipeline = default_pipeline() if pipeline is None else pipeline
+    pipeline, opts = _with_bias_option(pipeline, opts)
     gm, step_mode = frontend.trace(model, example_input)
     ctx = CompileContext(example_input=example_input, step_mode=step_mode,
                          input_shape=tuple(example_input.shape[2:]), options=opts)
@@ -86,4 +114,12 @@ def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pi
         ctx.record("trace", f"readout after {readout.after} runs on the host, not on Loihi "
                             f"(net.readout): {', '.join(readout.ops)}")
     gm = pipeline.run(gm, ctx)  # raises one UnsupportedModelError with every refusal
-    return CompiledNetwork(gm, ctx, pipeline, readout)
+    net = CompiledNetwork(gm, ctx, pipeline, readout)
+    floor = net.voltage_floor_steps
+    if floor is not None and floor < example_input.shape[0]:
+        message = (f"Lava clips voltages at about -2048, lava-dl does not: with inputs longer than {floor} steps "
+                   f"(this example has {example_input.shape[0]}) a voltage may reach that floor and Lava may differ")
+        ctx.record("compile", message)
+        net.records.append(("compile", message))
+        log.warning(message)
+    return net

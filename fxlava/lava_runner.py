@@ -16,6 +16,14 @@ each netx layer is built as ``LIFReset`` with ``reset_interval=T``, which zeroes
 and voltage in the very step its first input of the next sample arrives. The synapses hold no
 other state, so this pipelining is bit-exact with running every sample in a fresh network, and it
 avoids Lava's ~0.5 s compile and start-up per sample.
+
+The same reset makes networks with neuron biases (``fxlava.compile(..., bias="current")``) exact.
+A bias is added to the voltage at every step, also in the steps before a layer's first input
+arrives (layer k waits k steps), and slayer has no such steps; the reset at the first input
+throws away what the bias integrated there. Loaded without a reset (``reset_interval=None``),
+the same file differs from lava-dl. To load such a file for the chip, build it the same way:
+``netx.hdf5.Network(net_config=path, reset_interval=R, reset_offset=1)`` with R >= T and the
+samples sent R steps apart (R = T: back to back, as here).
 """
 from __future__ import annotations
 

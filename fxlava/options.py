@@ -27,6 +27,10 @@ class CompileOptions:
         "weights", ("weights", "threshold"),
         "where substitute_neurons puts a neuron's input scale (decay_input=True: 1/tau): into the weights of "
         "the synapse that feeds it, or into its threshold")
+    bias: str = _option(
+        "reject", ("reject", "current"),
+        "'reject' refuses conv/linear biases and BatchNorm shifts; 'current' compiles them as Loihi neuron bias "
+        "currents (the bias_to_current pass replaces reject_bias)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -27,7 +27,8 @@ __all__ = [
     "WEIGHT_SCALE", "WEIGHT_MANT_BITS", "WEIGHT_MANT_MIN", "WEIGHT_MANT_MAX", "WEIGHT_STEP", "WEIGHT_MIN",
     "WEIGHT_MAX", "DECAY_BITS", "DECAY_SCALE", "STATE_SCALE", "NEURON_SCALE", "V_TH_MANT_BITS", "V_TH_MANT_MAX",
     "BIAS_MANT_BITS", "BIAS_MANT_MIN", "BIAS_MANT_MAX", "BIAS_EXP", "MAX_DELAY", "VOLTAGE_BITS", "VOLTAGE_MIN",
-    "VOLTAGE_MAX", "quantize_weight",
+    "VOLTAGE_MAX", "quantize_weight", "BIAS_STEP", "BIAS_MIN", "BIAS_MAX", "quantize_bias", "bias_mantissa",
+    "bias_out_of_range",
     "SYNAPSES", "AVG_POOLS", "MAX_POOLS", "ADAPTIVE_POOLS", "FLATTENS", "NORMS", "IDENTITIES", "ROLES",
     "MAY_FEED", "role_of", "is_neuron", "is_stateful", "NETX_LAYER_TYPES", "NETX_NOT_IMPLEMENTED",
     "NETX_NEURON_TYPES", "ENCODING_OPS", "fix_for", "fix_for_op", "unlowered",
@@ -57,16 +58,21 @@ NEURON_SCALE = WEIGHT_SCALE
 V_TH_MANT_BITS = 17
 V_TH_MANT_MAX = (1 << V_TH_MANT_BITS) - 1
 
-#: A layer's bias becomes CUBA bias_mant: 13-bit signed, exponent 6 (the weights' scale).
+#: A layer's bias becomes CUBA bias_mant: 13-bit signed, exponent 6 (the weights' scale). Lava adds
+#: bias_mant * 2**6 to the voltage (units of 1/4096) every step: a real bias of bias_mant / 64, in
+#: steps of 1/64 (not 2/64 as the weights), in [-64, 63.984375].
 BIAS_MANT_BITS = 13
 BIAS_MANT_MIN = -(1 << (BIAS_MANT_BITS - 1))
 BIAS_MANT_MAX = (1 << (BIAS_MANT_BITS - 1)) - 1
 BIAS_EXP = 6
+BIAS_STEP = 1 / WEIGHT_SCALE
+BIAS_MIN = BIAS_MANT_MIN * BIAS_STEP
+BIAS_MAX = BIAS_MANT_MAX * BIAS_STEP
 
 #: Axonal delays of dense layers, in time steps.
 MAX_DELAY = 62
 
-#: Lava clips the voltage to 24 bits signed: [-(2^23 - 1), 2^23 - 1] in units of 1/64.
+#: Lava clips the voltage to 24 bits signed: [-(2^23 - 1), 2^23 - 1] in units of 1/4096 (about +-2048).
 VOLTAGE_BITS = 24
 VOLTAGE_MAX = (1 << (VOLTAGE_BITS - 1)) - 1
 VOLTAGE_MIN = -VOLTAGE_MAX
@@ -87,6 +93,39 @@ class _RoundSTE(torch.autograd.Function):
 def quantize_weight(w: torch.Tensor) -> torch.Tensor:
     """The weights Loihi runs: rounded to multiples of 2/64 and clipped, exactly as lava-dl does."""
     return _RoundSTE.apply(w).clamp(WEIGHT_MIN, WEIGHT_MAX)
+
+
+class _RoundBiasSTE(torch.autograd.Function):
+    """Round to the bias grid (1/64); the gradient passes straight through."""
+
+    @staticmethod
+    def forward(ctx, b):
+        return torch.round(b / BIAS_STEP) * BIAS_STEP
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def quantize_bias(b: torch.Tensor) -> torch.Tensor:
+    """The bias Loihi adds: rounded (half to even) to multiples of 1/64, clipped to the 13-bit mantissa."""
+    return _RoundBiasSTE.apply(b).clamp(BIAS_MIN, BIAS_MAX)
+
+
+def bias_mantissa(b: torch.Tensor) -> torch.Tensor:
+    """netx's ``bias`` (Lava's bias_mant): the integer mantissas of ``quantize_bias(b)``, int64."""
+    return torch.round(quantize_bias(b.detach().double()) / BIAS_STEP).to(torch.int64)
+
+
+def bias_out_of_range(b: torch.Tensor) -> str:
+    """Why ``b`` does not fit Loihi's 13-bit bias after rounding to steps of 1/64 ('' if it fits)."""
+    mant = torch.round(b.detach().double() / BIAS_STEP)
+    bad = (mant < BIAS_MANT_MIN) | (mant > BIAS_MANT_MAX)
+    if not bool(bad.any()):
+        return ""
+    return (f"{int(bad.sum())} of {b.numel()} bias values quantise outside Loihi's 13-bit bias mantissa "
+            f"[{BIAS_MANT_MIN}, {BIAS_MANT_MAX}], i.e. outside [{BIAS_MIN:g}, {BIAS_MAX:g}] in steps of 1/64 "
+            f"(largest |bias| {b.detach().abs().max().item():.4g})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Each is written only against fxlava's pass API (``fxlava.pass_manager``, ``fxlav
 """
 from fxlava.pass_manager import Pass, Pipeline
 from fxlava.passes.avgpool_to_sumpool import avgpool_to_sumpool
+from fxlava.passes.bias_to_current import bias_to_current
 from fxlava.passes.fold_batchnorm import fold_batchnorm
 from fxlava.passes.fuse_blocks import fuse_blocks
 from fxlava.passes.insert_layout import insert_layout
@@ -34,4 +35,4 @@ def default_pipeline() -> Pipeline:
     return Pipeline(DEFAULT_PASSES)
 
 
-__all__ = ["DEFAULT_PASSES", "default_pipeline"]
+__all__ = ["DEFAULT_PASSES", "default_pipeline", "bias_to_current"]

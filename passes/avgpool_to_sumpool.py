@@ -137,9 +137,11 @@ def _merge_conv(pool: nn.AvgPool2d, conv: nn.Conv2d, factor: float, shape_in) ->
     with torch.no_grad():
         w = _spread(conv.weight.detach(), k, (s[0] * D[0], s[1] * D[1])) * factor
     merged = nn.Conv2d(conv.in_channels, conv.out_channels, tuple(w.shape[-2:]), stride=(s[0] * S[0], s[1] * S[1]),
-                       padding=(s[0] * P[0], s[1] * P[1]), groups=conv.groups, bias=False)
+                       padding=(s[0] * P[0], s[1] * P[1]), groups=conv.groups, bias=conv.bias is not None)
     with torch.no_grad():
         merged.weight.copy_(w)
+        if conv.bias is not None:  # the pool is before the conv: its bias is unchanged
+            merged.bias.copy_(conv.bias.detach())
     return merged
 
 
@@ -152,9 +154,11 @@ def _merge_dense(pool: nn.AvgPool2d, linear: nn.Linear, factor: float, shape_in)
         w = _spread(w, k, s)
         # the border a pool drops (input size not a multiple of its stride) gets zero weight
         w = F.pad(w, (0, w_ - w.shape[-1], 0, h - w.shape[-2])) * factor
-    merged = nn.Linear(c * h * w_, linear.out_features, bias=False)
+    merged = nn.Linear(c * h * w_, linear.out_features, bias=linear.bias is not None)
     with torch.no_grad():
         merged.weight.copy_(w.reshape(linear.out_features, -1))
+        if linear.bias is not None:
+            merged.bias.copy_(linear.bias.detach())
     return merged
 
 

@@ -6,12 +6,14 @@ also when the user's model is in training mode. Per output channel c it is then 
     y[c] = s[c] x[c] + b[c],   s = gamma / sqrt(running_var + eps),   b = beta - s running_mean
 
 (gamma = 1 and beta = 0 without ``affine``). ``s`` folds into the synapse exactly:
-w'[c] = s[c] w[c]; the folded weights are then quantised like any other. ``b`` is a bias,
-which Loihi blocks exported to netx do not have, so a BatchNorm is folded only when ``b`` is
-exactly 0 in every channel (computed in float64 from its parameters): for example
-``affine=False``, or ``beta = 0``, with a zero ``running_mean``. No tolerance is safe: Loihi
-adds the bias to the synaptic input at every step and truncates that input to multiples of
-1/4096, so any non-zero bias can move a spike. Such a BatchNorm is refused, named, with a fix.
+w'[c] = s[c] w[c] (and a synapse bias b0 becomes s b0); the folded weights are then quantised
+like any other. ``b`` is a bias: with bias currents on (``fxlava.compile(..., bias="current")``,
+the ``bias_to_current`` pass) it is added to the synapse's bias, s b0 + b, which becomes the
+neuron's bias current (quantised to steps of 1/64; refused where it quantises outside 13 bits,
+where the neuron after it has current decay < 1, or where a max pool or anything but a neuron
+follows). By default a BatchNorm is folded only when ``b`` is exactly 0 in every channel
+(computed in float64 from its parameters): for example ``affine=False``, or ``beta = 0``, with a
+zero ``running_mean``; one with a shift is refused, named, with the opt-in as the fix.
 
 Folded: ``nn.BatchNorm1d`` / ``nn.BatchNorm2d``, SpikingJelly's ``layer.BatchNorm1d`` /
 ``layer.BatchNorm2d`` and ``layer.ThresholdDependentBatchNorm1d`` / ``2d`` (a BatchNorm whose
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -32,12 +35,11 @@ import torch.nn as nn
 from fxlava.errors import Issue, issue_at
 from fxlava.pass_manager import CompileContext, PassResult
 from fxlava.rewrite import add_module, bypass, module_of, path_of, set_module
-from fxlava.target import SYNAPSES
+from fxlava.passes.bias_to_current import bias_currents_on, neuron_issue
+from fxlava.passes.reject_bias import FIX_OPT_IN
+from fxlava.target import SYNAPSES, bias_out_of_range
 
 PASS = "fold_batchnorm"
-
-_FIX_BIAS = ("make the shift 0 and retrain: affine=False (or beta frozen at 0) with running_mean held at 0, "
-             "i.e. a scale-only normalisation; or remove the BatchNorm")
 
 
 @dataclass
@@ -45,6 +47,7 @@ class _Fold:
     bn: fx.Node
     synapse: fx.Node
     scale: torch.Tensor  # float64, one per output channel
+    bias: Optional[torch.Tensor] = None  # float64, the folded synapse bias (None: the synapse has none)
 
 
 def _foldable_types() -> tuple:
@@ -95,6 +98,7 @@ def _scale_and_shift(bn) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Fold], list[Issue]]:
+    currents = bias_currents_on(ctx)
     folds, issues = [], []
     for node in gm.graph.nodes:
         bn = module_of(gm, node)
@@ -130,24 +134,39 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Fold], list[Is
             continue
         scale, shift = _scale_and_shift(bn)
         nonzero = torch.count_nonzero(shift).item()
-        if nonzero:
+        bias = None if syn.bias is None else syn.bias.detach().double() * scale
+        if nonzero and not currents:
             issues.append(issue_at(node, "a BatchNorm with a non-zero shift beta - gamma * running_mean / "
-                                         "sqrt(running_var + eps): that is a bias, which Loihi blocks exported to "
-                                         "netx do not have",
+                                         "sqrt(running_var + eps): a bias, which fxlava compiles as the neuron's "
+                                         "bias current only when asked",
                                    f"{nonzero} of {channels} channels have a shift (largest "
-                                   f"|shift| {shift.abs().max().item():.3g}); {_FIX_BIAS}", module=bn))
+                                   f"|shift| {shift.abs().max().item():.3g}); {FIX_OPT_IN}; or make the shift 0 "
+                                   f"(affine=False and a zero running_mean) or remove the BatchNorm", module=bn))
             continue
-        folds.append(_Fold(node, src, scale))
+        if nonzero:
+            bias = shift if bias is None else bias + shift
+            # with a synapse bias too, bias_to_current has checked the neuron already
+            problem = neuron_issue(gm, node, "a BatchNorm shift", bn) if syn.bias is None else None
+            why = bias_out_of_range(bias)
+            if problem is None and why:
+                problem = issue_at(node, "a BatchNorm whose shift (with the synapse's bias) Loihi's 13-bit neuron "
+                                         "bias cannot hold",
+                                   f"{why}; a tiny running_var makes a large shift: check the BatchNorm's statistics, "
+                                   f"or remove it", module=bn)
+            if problem is not None:
+                issues.append(problem)
+                continue
+        folds.append(_Fold(node, src, scale, bias))
     return folds, issues
 
 
 def check(gm: fx.GraphModule, ctx: CompileContext):
-    """Issues for every normalisation that is not a shift-free BatchNorm right after a synapse."""
+    """Issues for every normalisation that is not a BatchNorm right after a synapse (shift-free unless bias currents are on)."""
     return _plan(gm, ctx)[1]
 
 
 def fold_batchnorm(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
-    """Fold each BatchNorm into the synapse before it (eval mode; refused if it has a shift)."""
+    """Fold each BatchNorm into the synapse before it (eval mode; its shift into the bias with bias currents on)."""
     folds, issues = _plan(gm, ctx)
     ctx.refuse(issues)
     for fold in folds:
@@ -159,6 +178,8 @@ def fold_batchnorm(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         shape = (-1,) + (1,) * (syn.weight.dim() - 1)
         with torch.no_grad():
             folded.weight.copy_((syn.weight.detach().double() * fold.scale.reshape(shape)).to(syn.weight.dtype))
+        if fold.bias is not None:
+            folded.bias = nn.Parameter(fold.bias.to(syn.weight.dtype), requires_grad=syn.weight.requires_grad)
         shared = any(n is not fold.synapse and n.op == "call_module" and n.target == fold.synapse.target
                      for n in gm.graph.nodes)
         if shared:
@@ -166,8 +187,10 @@ def fold_batchnorm(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         else:
             set_module(gm, fold.synapse.target, folded)
         fold.synapse.meta["fxlava_folded_batchnorm"] = path_of(fold.bn)
+        shifted = "" if fold.bias is None else (f"; bias in [{fold.bias.min().item():.4g}, "
+                                                f"{fold.bias.max().item():.4g}]")
         ctx.record(PASS, f"folded {path_of(fold.bn)} into {path_of(fold.synapse)} (weights x per-channel scale in "
-                         f"[{fold.scale.min().item():.4g}, {fold.scale.max().item():.4g}]; running statistics)")
+                         f"[{fold.scale.min().item():.4g}, {fold.scale.max().item():.4g}]; running statistics{shifted})")
         bypass(gm, fold.bn)
     gm.graph.eliminate_dead_code()
     gm.recompile()

@@ -16,6 +16,8 @@ from fxlava.blocks import FlattenBlock, SynapseBlock
 from fxlava.chain import chain_issues
 from fxlava.neuron import CubaNeuron
 from fxlava.pass_manager import CompileContext, PassResult
+from fxlava.passes.bias_to_current import bias_currents_on
+from fxlava.passes.reject_bias import FIX_OPT_IN, REASON
 from fxlava.rewrite import fresh_name, module_of, next_module_node, path_of, replace_with_module
 from fxlava.target import fix_for_op, role_of, unlowered
 
@@ -59,8 +61,18 @@ def fuse_blocks(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
             continue
         m, user = module_of(gm, node), next_module_node(node)
         if role_of(m) == "synapse" and _is_cuba(gm, user) and not ctx.is_settled(user) and user not in branched:
+            if m.bias is not None and not bias_currents_on(ctx):  # a pipeline without reject_bias
+                ctx.refuse(node, REASON, FIX_OPT_IN, module=m)
+                ctx.leave(user, because=node)
+                continue
             source = tuple(p for p in (node.meta.get("fxlava_merged_pool"), path_of(node), path_of(user)) if p)
-            block = SynapseBlock(m, module_of(gm, user), kind=node.meta.get("fxlava_kind", ""), source=source)
+            try:
+                block = SynapseBlock(m, module_of(gm, user), kind=node.meta.get("fxlava_kind", ""), source=source)
+            except ValueError as exc:  # a bias that cannot be a Loihi bias current
+                ctx.refuse(node, f"a synapse whose bias cannot be the bias current of {path_of(user)}",
+                           f"{exc}; remove the bias, or change the neuron or scale", module=m)
+                ctx.leave(user, because=node)
+                continue
             fused.append(replace_with_module(gm, [node, user], block, fresh_name(gm, f"block{len(fused)}"),
                                              meta_from=user))
         elif role_of(m) == "flatten":

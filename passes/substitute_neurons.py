@@ -302,6 +302,8 @@ def _scale_synapse(gm: fx.GraphModule, node: fx.Node, scale: Fraction) -> bool:
         return False  # a module called from several places: its weights are shared
     with torch.no_grad():
         syn.weight.copy_((syn.weight.double() * scale.numerator / scale.denominator).to(syn.weight.dtype))
+        if syn.bias is not None:  # the neuron's input is (w x + b) times the scale
+            syn.bias.copy_((syn.bias.double() * scale.numerator / scale.denominator).to(syn.bias.dtype))
     return True
 
 

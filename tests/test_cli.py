@@ -74,3 +74,18 @@ def test_biased_model_is_refused_cleanly(model_dir):
 def test_bad_model_spec(model_dir):
     r = _run("usermodel.py", "--input-shape", "8,2,1,8,8", "-o", "x.net", cwd=model_dir)
     assert r.returncode != 0 and "path/to/file.py:name" in r.stderr
+
+
+@pytest.mark.lava
+def test_biased_model_compiles_as_bias_currents_and_verifies(model_dir):
+    r = _run("usermodel.py:biased", "--input-shape", "8,2,1,8,8", "-o", "b.net", "--bias", "current", "--verify", "2",
+             cwd=model_dir)
+    assert r.returncode == 0, r.stderr
+    assert "bias_to_current" in r.stdout and "reject_bias" not in r.stdout
+    assert "bias quantised (bias_mant)" in r.stdout
+    assert "verify: 2/2 samples equal on every spike" in r.stdout
+
+
+def test_unknown_bias_mode_is_refused(model_dir):
+    r = _run("usermodel.py:biased", "--input-shape", "8,2,1,8,8", "-o", "b.net", "--bias", "silently", cwd=model_dir)
+    assert r.returncode == 2 and "invalid choice: 'silently'" in r.stderr

@@ -15,9 +15,14 @@ def _state(model):
     return sd, modes
 
 
+def _options(z):
+    """Compile options a zoo model asks for (e.g. bias="current")."""
+    return z.EXPECT.get("options", {})
+
+
 def test_graph_equals_lava_dl(zoo):
     name, z, model, x = zoo
-    net = fxlava.compile(model, x)
+    net = fxlava.compile(model, x, **_options(z))
     assert [b.kind for b in net.blocks] == z.EXPECT["blocks"]
     y_graph = net(x)
     y_ladl = fxlava.NXT_to_TNX(net.lava_dl(fxlava.TNX_to_NXT(x)))
@@ -33,7 +38,7 @@ def test_graph_equals_lava_dl(zoo):
 
 def test_random_inputs_graph_equals_lava_dl(zoo):
     name, z, model, x = zoo
-    net = fxlava.compile(model, x)
+    net = fxlava.compile(model, x, **_options(z))
     g = torch.Generator().manual_seed(11)
     for rate in (0.1, 0.5):
         xr = (torch.rand(x.shape[0], 4, *x.shape[2:], generator=g) < rate).float()
@@ -47,7 +52,7 @@ def test_compile_leaves_model_untouched(zoo):
         ref = model(x) if "m" in before_modes.values() else None
     from spikingjelly.activation_based import functional
     functional.reset_net(model)
-    fxlava.compile(model, x)
+    fxlava.compile(model, x, **_options(z))
     after_sd, after_modes = _state(model)
     assert before_modes == after_modes
     assert before_sd.keys() == after_sd.keys()
@@ -60,14 +65,14 @@ def test_compile_leaves_model_untouched(zoo):
 
 def test_net_call_starts_from_rest(zoo):
     name, z, model, x = zoo
-    net = fxlava.compile(model, x)
+    net = fxlava.compile(model, x, **_options(z))
     assert torch.equal(net(x), net(x))
 
 
 def _lava_check(name, tmp_path):
     z = load(name)
     model, x = z.build(), z.example_input()
-    net = fxlava.compile(model, x)
+    net = fxlava.compile(model, x, **_options(z))
     path = tmp_path / f"{name}.net"
     net.export_hdf5(path)
     xin = fxlava.TNX_to_NXT(x)

@@ -29,7 +29,8 @@ class Residual(nn.Module):
 CASES = [
     ("two biased layers",
      _seq(layer.Conv2d(1, 2, 3, bias=True), neuron.IFNode(), layer.Flatten(), layer.Linear(72, 3), neuron.IFNode()),
-     r"(?s)synapse with a bias.*- 0 .*Conv2d.*bias=False.*- 3 .*Linear"),
+     r"(?s)synapse with a bias. Loihi has a bias .*only when asked.*- 0 .*Conv2d.*fix: .*bias=\"current\".*"
+     r"bias=False.*- 3 .*Linear"),
     ("soft reset",
      _seq(layer.Flatten(), layer.Linear(64, 3, bias=False), neuron.IFNode(v_reset=None)),
      r"(?s)soft-reset neuron.*- 2 .*IFNode.*fix: construct the neuron with v_reset=0.0"),
@@ -247,8 +248,8 @@ NEURON_BN_CASES = [
      r".*fix: put a conv or linear layer after the pool"),
     ("BatchNorm with a shift",
      _seq(layer.Conv2d(1, 2, 3, bias=False), _bn(layer.BatchNorm2d(2), beta=0.1), neuron.IFNode()),
-     r"(?s)BatchNorm with a non-zero shift .*that is a bias, which Loihi blocks exported to netx do not have:\n"
-     r"  - 1 \(.*BatchNorm2d\).*fix: 2 of 2 channels have a shift.*affine=False"),
+     r"(?s)BatchNorm with a non-zero shift .*a bias, which fxlava compiles as the neuron's bias current only when "
+     r"asked:\n  - 1 \(.*BatchNorm2d\).*fix: 2 of 2 channels have a shift.*bias=\"current\".*affine=False"),
     ("BatchNorm with a running mean",
      _seq(*_lin(_bn(layer.BatchNorm1d(3, affine=False), mean=0.5), neuron.IFNode())),
      r"(?s)non-zero shift.*\n  - 2 \(.*BatchNorm1d\).*fix: 3 of 3 channels have a shift \(largest \|shift\| 0.5"),
