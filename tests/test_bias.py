@@ -179,9 +179,6 @@ def test_bias_option_is_validated():
     x = _x()
     with pytest.raises(ValueError, match=r"bias='yes': expected one of 'reject', 'current'"):
         fxlava.compile(model, x, bias="yes")
-    with pytest.raises(ValueError, match="holds bias_to_current"):
-        fxlava.compile(model, x, bias="reject",
-                       pipeline=fxlava.default_pipeline().replace("reject_bias", bias_to_current))
     with pytest.raises(ValueError, match="neither"):
         fxlava.compile(model, x, bias="current", pipeline=fxlava.default_pipeline().remove("reject_bias"))
 
