@@ -39,16 +39,17 @@ import logging
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from fxlava.chain import chain_issues
-from fxlava.errors import FxlavaError, UnsupportedModelError
+from fxlava.errors import FxlavaError, Issue, UnsupportedModelError, _source_line
 from fxlava.frontend.canonical import _Canonicalizer, _fill_shapes
-from fxlava.frontend.readout import Readout, split_readout
+from fxlava.frontend.readout import Readout, output_issues, split_readout
 from fxlava.frontend.step_modes import _set_single_step, detect_step_mode, reset_states, run_per_step
-from fxlava.frontend.tracer import SpikingTracer
+from fxlava.frontend.shapes import ShapeRunError, propagate_shapes
+from fxlava.frontend.tracer import SpikingTracer, UntraceableError
 
-__all__ = ["SpikingTracer", "trace", "detect_step_mode", "chain_issues", "run_per_step", "reset_states", "Readout"]
+__all__ = ["SpikingTracer", "trace", "detect_step_mode", "chain_issues", "output_issues", "run_per_step",
+           "reset_states", "Readout"]
 
 log = logging.getLogger(__name__)
 
@@ -68,28 +69,33 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[fx.GraphModule
         )
     step_mode = detect_step_mode(model)
     root = copy.deepcopy(model).eval()
-    reset_states(root)
-    try:
-        graph = SpikingTracer().trace(root)
-    except Exception as exc:
-        raise FxlavaError(
-            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
-            f"fix: keep forward() free of data-dependent Python control flow (if/for on tensor values); "
-            f"wrap such code in a module and keep it out of the network that goes to Loihi"
-        ) from exc
-    gm0 = fx.GraphModule(root, graph)
     T, N = example_input.shape[:2]
     lead = 2 if step_mode == "m" else 1
-    x0 = example_input if step_mode == "m" else example_input[0]
+    x0 = (example_input if step_mode == "m" else example_input[0]).to(torch.float32)
+    reset_states(root)
+    tracer = SpikingTracer((x0,))
     try:
-        with torch.no_grad():
-            ShapeProp(gm0).propagate(x0.to(torch.float32))
-    except Exception as exc:
+        graph = tracer.trace(root)
+    except UntraceableError as exc:
+        raise UnsupportedModelError([Issue(
+            reason=f"forward() cannot be traced: {exc.construct}", path="", module_type=type(model).__qualname__,
+            node=f"{type(exc.cause).__name__}: {exc.cause}", source=exc.source,
+            fix="keep forward() free of Python control flow on tensor values (shapes are fine: they are "
+                "answered from the example input); compute such code outside the model")]) from exc
+    finally:
+        reset_states(root)
+    gm0 = fx.GraphModule(root, graph)
+    gm0.meta["fxlava_shape_queries"] = list(tracer.shape_queries)
+    try:
+        propagate_shapes(gm0, x0)
+    except ShapeRunError as exc:
+        where = _source_line(exc.node) or exc.node.format_node()
         raise FxlavaError(
-            f"running {type(model).__name__} on the example input {tuple(example_input.shape)} failed "
-            f"({type(exc).__name__}: {exc}); fix: pass an example input shaped [T, N, *] that the model accepts "
-            f"in its step mode ('{step_mode}')"
-        ) from exc
+            f"running {type(model).__name__} on the example input {tuple(example_input.shape)} failed at "
+            f"{where} ({type(exc.cause).__name__}: {exc.cause}); fix: pass an example input shaped [T, N, *] "
+            f"that forward() accepts in the model's step mode ('{step_mode}': "
+            f"{'the whole [T, N, *] sequence' if step_mode == 'm' else 'one step [N, *] per call'})"
+        ) from exc.cause
     finally:
         reset_states(root)
     readout = split_readout(gm0, step_mode)
@@ -106,6 +112,8 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[fx.GraphModule
         n.meta["fxlava_order"] = i
     gm.meta["fxlava_step_mode"] = step_mode
     gm.meta["fxlava_layout"] = "per_step"  # see fxlava.graph_runner.run_graph
+    gm.meta["fxlava_shape_queries"] = gm0.meta["fxlava_shape_queries"]
+    gm.meta["fxlava_dropped"] = list(canonicalizer.dropped)
     gm.meta["fxlava_readout"] = readout or Readout(step_mode=step_mode)
     return gm, step_mode
 

@@ -10,9 +10,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp
 
 from fxlava.errors import Issue, issue_at
+from fxlava.rules import IDENTITIES
+from fxlava.frontend.shapes import ShapeRunError, propagate_shapes
 from fxlava.frontend.step_modes import _container_types, _is_plain_sequential, reset_states
 from fxlava.frontend.tracer import SpikingTracer, _is_spikingjelly
 
@@ -43,6 +44,20 @@ _RESHAPE_METHODS = {"flatten", "unflatten", "view", "reshape", "contiguous", "sq
                     "reshape_as"}
 
 
+def _is_identity(m: nn.Module) -> bool:
+    """Identity and every Dropout: the compiled network is the model in eval mode, where they pass x through."""
+    from spikingjelly.activation_based import layer
+
+    return isinstance(m, IDENTITIES + (layer.Dropout,))  # layer.Dropout2d subclasses layer.Dropout
+
+
+def _scope(node: fx.Node) -> str:
+    """The path of the module whose forward() called this function or method ('' for the model's own forward)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v and v[0]]
+    return paths[-1] if paths else ""
+
+
 def _shape(node) -> Optional[torch.Size]:
     tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return getattr(tm, "shape", None)
@@ -59,6 +74,7 @@ class _Canonicalizer:
         self.containers = _container_types()
         self.count = 0
         self.issues: list[Issue] = []
+        self.dropped: list[str] = []  # Identity and Dropout modules, identities in eval mode
 
     def _copy_meta(self, new: fx.Node, old: fx.Node, path: str, shape, lead: int):
         if "stack_trace" in old.meta:
@@ -86,7 +102,9 @@ class _Canonicalizer:
         for i, (name, child) in enumerate(children):
             sub = f"{target}.{name}"
             shape = _shape(old) if i == len(children) - 1 else None
-            if isinstance(child, self.containers) or _is_plain_sequential(child):
+            if _is_identity(child):
+                self.dropped.append(sub)
+            elif isinstance(child, self.containers) or _is_plain_sequential(child):
                 out = self._expand(sub, out, old, lead)
             elif not _is_spikingjelly(child) and not SpikingTracer().is_leaf_module(child, sub):
                 # a module with its own forward() inside a SpikingJelly container: the container is a
@@ -151,6 +169,10 @@ class _Canonicalizer:
             lead = self.lead.get(arg0, self.input_lead) if isinstance(arg0, fx.Node) else self.input_lead
             if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
                 m = self.modules[node.target]
+                if _is_identity(m):
+                    self.env[node], self.lead[node] = self.env[arg0], lead
+                    self.dropped.append(node.target)
+                    continue
                 if isinstance(m, self.containers):
                     self.env[node] = self._expand(node.target, self.env[arg0], node, lead)
                 elif isinstance(m, nn.Flatten) and (kind := self._reshape(node)) is not None:
@@ -168,6 +190,11 @@ class _Canonicalizer:
                 if kind is not None:
                     self._lower_reshape(node, kind, "")
                     continue
+            if node.op == "call_function" and _FUNCTIONAL_MODULES.get(node.target) is _dropout \
+                    and isinstance(arg0, fx.Node):
+                self.env[node], self.lead[node] = self.env[arg0], lead
+                self.dropped.append(f"{node.target.__name__}()")
+                continue
             if node.op == "call_function" and node.target in _FUNCTIONAL_MODULES and isinstance(arg0, fx.Node):
                 try:
                     bound = inspect.signature(_FUNCTIONAL_MODULES[node.target]).bind(*node.args, **node.kwargs)
@@ -182,7 +209,7 @@ class _Canonicalizer:
                     pass
             # anything else stays as it is; unsupported_nodes() reports it
             new = self.graph.node_copy(node, lambda n: self.env[n])
-            self._copy_meta(new, node, node.target if node.op == "call_module" else "", _shape(node), lead)
+            self._copy_meta(new, node, node.target if node.op == "call_module" else _scope(node), _shape(node), lead)
             self.env[node], self.lead[node] = new, lead
         return self.graph
 
@@ -195,9 +222,8 @@ def _fill_shapes(gm: fx.GraphModule, x0: torch.Tensor) -> None:
         return
     reset_states(gm)
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(x0.to(torch.float32))
-    except Exception:  # left to the checks: a graph that cannot run per step is reported there
+        propagate_shapes(gm, x0.to(torch.float32))
+    except ShapeRunError:  # left to the checks: a graph that cannot run per step is reported there
         return
     finally:
         reset_states(gm)
