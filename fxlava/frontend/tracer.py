@@ -112,11 +112,13 @@ class _ValueProxy(fx.Proxy):
         return len(v)
 
     def __iter__(self):
-        v = self._value()
-        if v is None or v.dim() == 0:
-            return super().__iter__()
-        self.tracer.shape_queries.append("iteration")
-        return iter([self[i] for i in range(v.shape[0])])
+        v = self.__dict__.get("_fxlava_value")
+        if isinstance(v, (tuple, list)):  # q, k, v = x.chunk(3): one proxy per element
+            return iter([self[i] for i in range(len(v))])
+        if isinstance(v, torch.Tensor) and v.dim() > 0:  # for x_t in x_seq: one proxy per time step
+            self.tracer.shape_queries.append("iteration")
+            return iter([self[i] for i in range(v.shape[0])])
+        return self.tracer.iter(self)  # raises: a value tracing does not know
 
 
 def _value_of(a: Any) -> Any:
@@ -204,7 +206,11 @@ class SpikingTracer(fx.Tracer):
 def _construct(exc: BaseException) -> str:
     """What in the user's code torch.fx could not trace, in words."""
     text = str(exc)
-    if isinstance(exc, fx.proxy.TraceError) and "control flow" in text:
+    if not isinstance(exc, fx.proxy.TraceError) and "Proxy" not in text and "symbolic" not in text:
+        return f"forward() raised {type(exc).__name__} on the example input ({text})"
+    if "iterated" in text:
+        return "iterating over a value whose length tracing does not know"
+    if "control flow" in text:
         return "Python control flow (if, while, bool()) on a tensor's values"
     if "iterable" in text or "iteration" in text:
         return "iterating over a tensor whose value tracing does not know"
