@@ -5,6 +5,7 @@ Equivalences compare the user's SpikingJelly model in floating point with the co
 lava-dl on the same spikes, every spike (weights on the 2/64 grid, thresholds k/64 + 1/128: see
 tests/test_structure.py).
 """
+import copy
 import subprocess
 import sys
 
@@ -148,6 +149,48 @@ def test_python_loop_over_a_known_T_traces():
     gm, _ = frontend.trace(model, x)
     # the loop is unrolled T times: four indexing nodes, one stack
     assert sum(1 for n in gm.graph.nodes if n.target is torch.stack) == 1
+
+
+class StepLoop(nn.Module):
+    """Single-step modules called once per time step, outputs stacked: as users of SpikingJelly's
+    single-step mode write it (lif_fc_mnist.py, spiking_dqn_state.py loop like this outside the model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(layer.Conv2d(1, 3, 3, bias=False), _if(), layer.Flatten(),
+                                 layer.Linear(3 * 4 * 4, 4, bias=False), _if())
+
+    def forward(self, x):
+        out = []
+        for t in range(x.shape[0]):
+            out.append(self.net(x[t]))
+        return torch.stack(out).mean(0)
+
+
+class StepLoopIter(StepLoop):
+    def forward(self, x):
+        return torch.stack([self.net(x_t) for x_t in x])
+
+
+def _module_types(gm):
+    return [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"]
+
+
+@pytest.mark.parametrize("cls", [StepLoop, StepLoopIter])
+def test_single_step_modules_called_T_times_trace_to_the_multi_step_graph(cls):
+    model = _grid(cls(), seed=10, step=1 / 16)
+    x = _spikes((5, 2, 1, 6, 6), rate=0.5, seed=11)
+    net = fxlava.compile(model, x)
+    ref = _sj(model, x)
+    y = net(x)
+    assert 0 < y.sum() < y.numel()
+    assert torch.equal(net.readout(y), ref)  # the model's own output, mean(0) included, on every spike
+    assert torch.equal(y, fxlava.NXT_to_TNX(net.lava_dl(fxlava.TNX_to_NXT(x))))
+    assert any("loops over the 5 time steps" in m for _, m in net.records)
+    # the same per-step graph as the same layers in multi-step mode
+    multi = copy.deepcopy(model.net)
+    functional.set_step_mode(multi, "m")
+    assert _module_types(frontend.trace(model, x)[0]) == _module_types(frontend.trace(multi, x)[0])
 
 
 class DataDependent(nn.Module):

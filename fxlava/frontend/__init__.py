@@ -5,6 +5,8 @@ The stages, one file each, in the order ``trace`` runs them:
 * ``step_modes.py``: the step mode in which the model's neurons see time (and the SpikingJelly
   containers that would feed them differently from the per-step form), neuron resets;
 * ``tracer.py``: torch.fx tracing of a copy of the model, SpikingJelly's modules kept as leaves;
+* ``time_loop.py``: a forward() that runs single-step modules once per step and stacks the outputs,
+  folded into one step;
 * ``readout.py``: the parameter-free ops after the last spiking layer, cut off into a ``Readout``
   that runs on the host;
 * ``canonical.py``: the canonical form the built-in passes read.
@@ -45,6 +47,7 @@ from fxlava.errors import FxlavaError, Issue, UnsupportedModelError, _source_lin
 from fxlava.frontend.canonical import _Canonicalizer, _fill_shapes
 from fxlava.frontend.readout import Readout, output_issues, split_readout
 from fxlava.frontend.step_modes import _set_single_step, detect_step_mode, reset_states, run_per_step
+from fxlava.frontend.time_loop import fold_time_loops
 from fxlava.frontend.shapes import ShapeRunError, propagate_shapes
 from fxlava.frontend.tracer import SpikingTracer, UntraceableError
 
@@ -70,8 +73,48 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[fx.GraphModule
     step_mode = detect_step_mode(model)
     root = copy.deepcopy(model).eval()
     T, N = example_input.shape[:2]
+    gm0, loops = None, 0
+    if step_mode == "s":
+        # single-step neurons: forward() takes one step [N, *], or takes [T, N, *] and loops over the
+        # steps itself; the second kind traces, on the whole sequence, into T copies of one step
+        try:
+            gm0 = _trace_and_run(model, root, example_input.to(torch.float32), example_input, step_mode)
+            loops = fold_time_loops(gm0)
+        except FxlavaError:
+            loops = 0
+        if not loops:  # tracing may have left proxies in the copy's attributes (self.v = ...): start afresh
+            gm0, root = None, copy.deepcopy(model).eval()
+    if gm0 is None:
+        x0 = (example_input if step_mode == "m" else example_input[0]).to(torch.float32)
+        gm0 = _trace_and_run(model, root, x0, example_input, step_mode)
+    else:
+        step_mode = "m"  # the model takes the sequence, like a multi-step model
     lead = 2 if step_mode == "m" else 1
-    x0 = (example_input if step_mode == "m" else example_input[0]).to(torch.float32)
+    readout = split_readout(gm0, step_mode)
+    canonicalizer = _Canonicalizer(gm0, root, lead, T, N, folded_loops=bool(loops))
+    graph = canonicalizer.run()
+    if canonicalizer.issues:
+        raise UnsupportedModelError(canonicalizer.issues)
+    _set_single_step(root)
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    gm.graph.eliminate_dead_code()  # shape queries (x.shape[0]) that only fed removed reshapes
+    gm.recompile()
+    _fill_shapes(gm, example_input[0])
+    for i, n in enumerate(gm.graph.nodes):  # the model order, in which errors list their issues
+        n.meta["fxlava_order"] = i
+    gm.meta["fxlava_step_mode"] = step_mode
+    gm.meta["fxlava_layout"] = "per_step"  # see fxlava.graph_runner.run_graph
+    gm.meta["fxlava_shape_queries"] = gm0.meta["fxlava_shape_queries"]
+    gm.meta["fxlava_dropped"] = list(canonicalizer.dropped)
+    gm.meta["fxlava_time_loops"] = loops
+    gm.meta["fxlava_readout"] = readout or Readout(step_mode=step_mode)
+    return gm, step_mode
+
+
+
+def _trace_and_run(model: nn.Module, root: nn.Module, x0: torch.Tensor, example_input: torch.Tensor,
+                   step_mode: str) -> fx.GraphModule:
+    """Trace ``root`` on ``x0`` (shape queries answered from it) and record every node's shape."""
     reset_states(root)
     tracer = SpikingTracer((x0,))
     try:
@@ -98,22 +141,4 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[fx.GraphModule
         ) from exc.cause
     finally:
         reset_states(root)
-    readout = split_readout(gm0, step_mode)
-    canonicalizer = _Canonicalizer(gm0, root, lead, T, N)
-    graph = canonicalizer.run()
-    if canonicalizer.issues:
-        raise UnsupportedModelError(canonicalizer.issues)
-    _set_single_step(root)
-    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
-    gm.graph.eliminate_dead_code()  # shape queries (x.shape[0]) that only fed removed reshapes
-    gm.recompile()
-    _fill_shapes(gm, example_input[0])
-    for i, n in enumerate(gm.graph.nodes):  # the model order, in which errors list their issues
-        n.meta["fxlava_order"] = i
-    gm.meta["fxlava_step_mode"] = step_mode
-    gm.meta["fxlava_layout"] = "per_step"  # see fxlava.graph_runner.run_graph
-    gm.meta["fxlava_shape_queries"] = gm0.meta["fxlava_shape_queries"]
-    gm.meta["fxlava_dropped"] = list(canonicalizer.dropped)
-    gm.meta["fxlava_readout"] = readout or Readout(step_mode=step_mode)
-    return gm, step_mode
-
+    return gm0

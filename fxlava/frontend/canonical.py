@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from fxlava.errors import Issue, issue_at
 from fxlava.rules import IDENTITIES
 from fxlava.frontend.shapes import ShapeRunError, propagate_shapes
+from fxlava.frontend.time_loop import is_step_select, is_step_stack
 from fxlava.frontend.step_modes import _container_types, _is_plain_sequential, reset_states
 from fxlava.frontend.tracer import SpikingTracer, _is_spikingjelly
 
@@ -64,7 +65,7 @@ def _shape(node) -> Optional[torch.Size]:
 
 
 class _Canonicalizer:
-    def __init__(self, gm0: fx.GraphModule, root: nn.Module, lead: int, T: int, N: int):
+    def __init__(self, gm0: fx.GraphModule, root: nn.Module, lead: int, T: int, N: int, folded_loops: bool = False):
         self.gm0, self.root, self.T, self.N = gm0, root, T, N
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
@@ -74,6 +75,7 @@ class _Canonicalizer:
         self.containers = _container_types()
         self.count = 0
         self.issues: list[Issue] = []
+        self.folded_loops = folded_loops  # fold_time_loops left x[0] ... stack([y]) in the graph
         self.dropped: list[str] = []  # Identity and Dropout modules, identities in eval mode
 
     def _copy_meta(self, new: fx.Node, old: fx.Node, path: str, shape, lead: int):
@@ -183,6 +185,14 @@ class _Canonicalizer:
                     self.env[node] = self._emit_module(node.target, self.env[arg0], node, node.target, _shape(node), lead)
                 self.lead[node] = lead
                 continue
+            if self.folded_loops and isinstance(arg0, (fx.Node, list, tuple)):
+                # the folded loop's step select x[0] and stack([y]): per step, both are the identity
+                if is_step_select(node) and lead == 2:
+                    self.env[node], self.lead[node] = self.env[arg0], 1
+                    continue
+                if is_step_stack(node) and self.lead.get(node.args[0][0]) == 1:
+                    self.env[node], self.lead[node] = self.env[node.args[0][0]], 2
+                    continue
             is_reshape = (node.op == "call_function" and node.target in _RESHAPES_FN) or (
                 node.op == "call_method" and node.target in _RESHAPE_METHODS)
             if is_reshape:

@@ -11,6 +11,7 @@ import torch.nn as nn
 from fxlava.errors import Issue, issue_at
 from fxlava.frontend.canonical import _FUNCTIONAL_MODULES, _dropout, _max_pool2d
 from fxlava.frontend.step_modes import _is_stateful
+from fxlava.frontend.time_loop import is_step_stack
 from fxlava.frontend.tracer import _is_neuron_subclass
 
 __all__ = ["Readout", "split_readout", "output_issues"]
@@ -79,7 +80,9 @@ def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
     last = nodes[spiking[-1]]
     tail = nodes[spiking[-1] + 1:-1]
     # max pools (and dropout) of the last spikes compile to Loihi layers: the readout starts after them
-    while tail and tail[0].all_input_nodes == [last] and _compiles_after_spikes(gm0, tail[0]):
+    # (and a folded time loop's stack([y]) is the spikes themselves, stacked over time)
+    while tail and tail[0].all_input_nodes == [last] and (_compiles_after_spikes(gm0, tail[0])
+                                                          or is_step_stack(tail[0])):
         last, tail = tail[0], tail[1:]
     if not tail or output.args[0] not in tail:
         return None
