@@ -231,6 +231,39 @@ def test_example_input_the_model_cannot_take_is_reported_with_its_line_and_no_du
 # --- shape-only ops and Dropout -----------------------------------------------------------------
 
 
+class UnitAxes(nn.Module):
+    """BatchNorm1d applied through x.unsqueeze(3) ... .squeeze(3), as papers' code does."""
+
+    def __init__(self, restore=True):
+        super().__init__()
+        self.restore = restore
+        self.fc = layer.Linear(6, 5, bias=False)
+        self.bn = layer.BatchNorm1d(5)
+        self.sn = _if()
+        self.fc2 = layer.Linear(5, 3, bias=False)
+        self.sn2 = _if()
+        functional.set_step_mode(self, "m")
+
+    def forward(self, x):
+        y = self.bn(self.fc(x).unsqueeze(3))
+        y = self.sn(y.squeeze(3) if self.restore else y)
+        return self.sn2(self.fc2(y if self.restore else y.flatten(2)))
+
+
+def test_unit_axes_added_and_removed_around_a_batchnorm_are_layout():
+    model = _grid(UnitAxes(), seed=12, step=1 / 16)
+    with torch.no_grad():
+        model.bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5, 1.0, 1.5]))  # a scale, no shift: folds
+        model.bn.bias.zero_()
+    net = _assert_same_spikes(model, _spikes((6, 3, 6), rate=0.6, seed=13))
+    assert [b.kind for b in net.blocks] == ["dense", "dense"]
+
+
+def test_a_unit_axis_that_is_not_restored_is_still_refused():
+    with pytest.raises(fxlava.UnsupportedModelError, match=r"unsqueeze"):
+        fxlava.compile(_grid(UnitAxes(restore=False)), _spikes((6, 3, 6)))
+
+
 def test_dropout_between_average_pool_and_conv_is_an_identity():
     model = _grid(nn.Sequential(layer.Conv2d(1, 2, 3, padding=1, bias=False), _if(), layer.AvgPool2d(2),
                                 layer.Dropout(0.5), layer.Conv2d(2, 3, 3, bias=False), _if(), nn.Dropout(0.2)),

@@ -15,7 +15,7 @@ from fxlava.errors import Issue, issue_at
 from fxlava.rules import IDENTITIES
 from fxlava.frontend.shapes import ShapeRunError, propagate_shapes
 from fxlava.frontend.time_loop import is_step_select, is_step_stack
-from fxlava.frontend.step_modes import _container_types, _is_plain_sequential, reset_states
+from fxlava.frontend.step_modes import _container_types, _is_plain_sequential, _is_stateful, reset_states
 from fxlava.frontend.tracer import SpikingTracer, _is_spikingjelly
 
 
@@ -75,6 +75,8 @@ class _Canonicalizer:
         self.containers = _container_types()
         self.count = 0
         self.issues: list[Issue] = []
+        self.unit_close: set[fx.Node] = set()
+        self.unit_shapes: dict[fx.Node, tuple] = {}  # per-sample shapes of the nodes between a unit-axes pair
         self.folded_loops = folded_loops  # fold_time_loops left x[0] ... stack([y]) in the graph
         self.dropped: list[str] = []  # Identity and Dropout modules, identities in eval mode
 
@@ -82,7 +84,9 @@ class _Canonicalizer:
         if "stack_trace" in old.meta:
             new.meta["stack_trace"] = old.meta["stack_trace"]
         new.meta["fxlava_path"] = path
-        if shape is not None:
+        if old in self.unit_shapes:
+            new.meta["fxlava_shape"] = self.unit_shapes[old]
+        elif shape is not None:
             new.meta["fxlava_shape"] = tuple(shape[lead:])
 
     def _add_module(self, module: nn.Module, hint: str) -> str:
@@ -121,6 +125,45 @@ class _Canonicalizer:
             else:
                 out = self._emit_module(sub, out, old, sub, shape, lead)
         return out
+
+    def _unit_axes_pair(self, node: fx.Node, lead: int) -> bool:
+        """``x.unsqueeze(-1)`` -> BatchNorm1d / neurons -> ``.squeeze(-1)``: layout only, both reshapes dropped.
+
+        ``node`` adds or removes size-1 axes of one sample and keeps the channel axis first; the
+        modules after it (a single-user chain of BatchNorm1d, neurons) work per channel either way;
+        and a reshape after them restores the per-sample shape ``node`` started from.
+        """
+        src = node.args[0]
+        si, so = _shape(src), _shape(node)
+        if not isinstance(src, fx.Node) or si is None or so is None or tuple(si[:lead]) != tuple(so[:lead]):
+            return False
+        before, after = tuple(si[lead:]), tuple(so[lead:])
+        if before == after or [d for d in before if d != 1] != [d for d in after if d != 1] \
+                or not before or not after or before[0] != after[0]:
+            return False
+        between, n = [], node
+        while len(n.users) == 1:
+            n = next(iter(n.users))
+            if n.op == "call_module" and self._per_channel(self.modules[n.target], before[0]):
+                between.append(n)
+                continue
+            shape = _shape(n)
+            is_reshape = (n.op == "call_function" and n.target in _RESHAPES_FN) or (
+                n.op == "call_method" and n.target in _RESHAPE_METHODS)
+            if is_reshape and between and shape is not None and tuple(shape[lead:]) == before \
+                    and tuple(shape[:lead]) == tuple(si[:lead]):
+                self.unit_close.add(n)
+                self.unit_shapes.update((b, before) for b in between)
+                return True
+            return False
+        return False
+
+    @staticmethod
+    def _per_channel(m: nn.Module, channels: int) -> bool:
+        """Modules that act on each channel (axis 1) alone, whatever axes of size 1 follow it."""
+        if isinstance(m, nn.BatchNorm1d):
+            return m.num_features == channels
+        return _is_stateful(m) or _is_identity(m)
 
     def _reshape(self, node: fx.Node) -> Optional[tuple]:
         """Classify a reshape: ('flatten'|'identity', new lead) or None if it mixes dims."""
@@ -196,9 +239,15 @@ class _Canonicalizer:
             is_reshape = (node.op == "call_function" and node.target in _RESHAPES_FN) or (
                 node.op == "call_method" and node.target in _RESHAPE_METHODS)
             if is_reshape:
+                if node in self.unit_close:  # the reshape that restores the layout a unit reshape changed
+                    self.env[node], self.lead[node] = self.env[arg0], lead
+                    continue
                 kind = self._reshape(node)
                 if kind is not None:
                     self._lower_reshape(node, kind, "")
+                    continue
+                if self._unit_axes_pair(node, lead):
+                    self.env[node], self.lead[node] = self.env[arg0], lead
                     continue
             if node.op == "call_function" and _FUNCTIONAL_MODULES.get(node.target) is _dropout \
                     and isinstance(arg0, fx.Node):
