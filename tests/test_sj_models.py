@@ -64,3 +64,24 @@ def test_lava_exchange_tutorial_net_compiles():
     x = spikes(T, N, 1, 28, 28)
     net = fxlava.compile(lively(model), x)
     _graph_equals_lava_dl(net, x)
+
+
+def test_hand_written_neurons_of_the_r11_example_are_refused_once_each():
+    """cifar10_r11's own LIF/IF classes do their arithmetic in forward(): one issue per neuron, not per op."""
+    model = sj("examples.cifar10_r11_enabling_spikebased_backpropagation").ResNet11().eval()
+    with pytest.raises(fxlava.UnsupportedModelError) as info:
+        fxlava.compile(model, spikes(2, 1, 3, 32, 32))
+    own = [i for i in info.value.issues if i.reason.startswith("a module whose forward()")]
+    neurons = [n for n, m in model.named_modules() if type(m).__name__ in ("LIFNode", "IFNode")
+               and type(m).__module__.endswith("cifar10_r11_enabling_spikebased_backpropagation")]
+    assert sorted(i.path for i in own) == sorted(neurons)
+    assert all("self.v" in i.source for i in own)
+    assert any(i.reason.startswith("a residual connection") for i in info.value.issues)
+
+
+def test_dqsn_returning_a_membrane_voltage_is_refused_at_compile():
+    """spiking_dqn_state.DQSN returns its NonSpikingLIFNode's v: refused, not a crash in net(x)."""
+    model = sj("examples.spiking_dqn_state").DQSN(4, 32, 2, 4).eval()
+    with pytest.raises(fxlava.UnsupportedModelError, match=r"returns a module's attribute or a constant \(such as "
+                                                           r"a neuron's v or v_seq\), not spikes"):
+        fxlava.compile(model, spikes(4, 2, 4))
