@@ -129,7 +129,9 @@ def _trace_and_run(model: nn.Module, root: nn.Module, x0: torch.Tensor, example_
         reset_states(root)
     gm0 = fx.GraphModule(root, graph)
     gm0.meta["fxlava_shape_queries"] = list(tracer.shape_queries)
-    try:
+    if tracer.complete:  # every node's shape was recorded while tracing, from the same example
+        return gm0
+    try:  # an operation failed on the example: run the graph again to name it
         propagate_shapes(gm0, x0)
     except ShapeRunError as exc:
         where = _source_line(exc.node) or exc.node.format_node()

@@ -24,6 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 __all__ = ["SpikingTracer", "UntraceableError", "user_frame"]
 
@@ -121,6 +122,23 @@ class _ValueProxy(fx.Proxy):
         return self.tracer.iter(self)  # raises: a value tracing does not know
 
 
+def _record_shape(node: fx.Node, value: Any) -> None:
+    """What ShapeProp records for a node, from the value the tracer computed anyway."""
+    found = False
+
+    def meta(obj):
+        nonlocal found
+        if isinstance(obj, torch.Tensor):
+            found = True
+            return _extract_tensor_metadata(obj)
+        return obj
+
+    m = map_aggregate(value, meta)
+    if found:
+        node.meta["tensor_meta"] = m
+    node.meta["type"] = type(value)
+
+
 def _value_of(a: Any) -> Any:
     if isinstance(a, fx.proxy.Attribute):
         root = _value_of(a.root)
@@ -146,6 +164,7 @@ class SpikingTracer(fx.Tracer):
         self.record_stack_traces = True
         self.example_inputs = list(example_inputs)
         self.shape_queries: list[str] = []
+        self.complete = True  # every operation ran on the example: the nodes' shapes are all recorded
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if is_sj_leaf(m):
@@ -191,9 +210,13 @@ class SpikingTracer(fx.Tracer):
             try:
                 # run the op as plain PyTorch: with fx's patches in place a module call would be traced again
                 with torch.no_grad(), _maybe_revert_all_patches():
-                    proxy.__dict__["_fxlava_value"] = self._run(kind, target, args, kwargs)
+                    value = self._run(kind, target, args, kwargs)
             except Exception:  # no value: shape queries on it fall back to torch.fx (and fail there, named)
-                proxy.__dict__["_fxlava_value"] = None
+                value = None
+                self.complete = False
+            proxy.__dict__["_fxlava_value"] = value
+            if kind != "placeholder" or value is not None:
+                _record_shape(proxy.node, value)
         return proxy
 
     def trace(self, root, concrete_args=None):
