@@ -14,6 +14,15 @@ import torch
 import fxlava
 from tests.sj_models import MODELS, T, N, lively, sj, spikes, zero_bias_and_shifts
 
+# the largest ones (128 x 128 event frames, ResNet-18) run with `make test-all`
+SLOW = {"model.parametric_lif_net.CIFAR10DVSNet", "model.parametric_lif_net.DVSGestureNet",
+        "model.spiking_resnet.spiking_resnet18", "model.sew_resnet.sew_resnet18"}
+
+
+def _params(names):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in names]
+
+
 ALLOWED = [r"a synapse with a bias", r"a BatchNorm with a non-zero shift", r"a residual connection",
            r"a branch: netx runs only a straight chain", r"a recurrent container", r"^attention"]
 
@@ -26,7 +35,7 @@ def _graph_equals_lava_dl(net, x):
     assert torch.equal(y, y_ladl)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", _params(MODELS))
 def test_compiles_or_is_refused_only_for_a_named_reason(name):
     build, example, expected, _ = MODELS[name]
     model, x = build(), example()
@@ -42,7 +51,7 @@ def test_compiles_or_is_refused_only_for_a_named_reason(name):
     assert all(any(re.search(a, r) for a in ALLOWED) for r in reasons), reasons
 
 
-@pytest.mark.parametrize("name", [n for n, m in MODELS.items() if m[3]])
+@pytest.mark.parametrize("name", _params(n for n, m in MODELS.items() if m[3]))
 def test_with_biases_and_shifts_removed_compiles_exactly(name):
     build, example, _, _ = MODELS[name]
     model, x = lively(zero_bias_and_shifts(build())), example()
