@@ -1,7 +1,18 @@
 """fxlava: compile SpikingJelly models to Lava-DL blocks and netx files for Loihi."""
+import logging as _logging
+
 from fxlava import compat as _compat
 
 _compat.install()  # before anything imports lava (see fxlava/compat.py)
+
+
+def _drop_triton_notice(record) -> bool:
+    # SpikingJelly registers its neuron kernels with torch.library.triton_op; on a CPU-only torch
+    # torch then warns "Triton not available" twice per process, which no user of fxlava can act on
+    return "Triton not available" not in record.getMessage()
+
+
+_logging.getLogger("torch._library.triton").addFilter(_drop_triton_notice)
 
 from fxlava.errors import FxlavaError, Issue, PassError, UnsupportedModelError  # noqa: E402
 from fxlava.layout import NXT_to_TNX, TNX_to_NXT  # noqa: E402

@@ -7,14 +7,19 @@ path, so that the user sees the whole branch, not two unrelated nodes.
 """
 from __future__ import annotations
 
+import operator
+
 import networkx as nx
+import torch
 import torch.fx as fx
 
 from fxlava.errors import Issue, _source_line, issue_at
 
-__all__ = ["chain_issues", "BRANCH", "MERGE"]
+__all__ = ["chain_issues", "BRANCH", "MERGE", "RESIDUAL"]
 
 BRANCH = "a branch: netx runs only a straight chain of layers"
+RESIDUAL = "a residual connection (a branch merged again by an add): netx runs only a straight chain of layers"
+_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__"}
 MERGE = "a merge: netx runs only a straight chain of layers"
 _FIX = ("rewrite the model as a single chain, or write a pass that lowers the branch before fuse_blocks "
         "(fxlava does not lower residual or branching graphs yet)")
@@ -96,7 +101,7 @@ def chain_issues(gm: fx.GraphModule) -> tuple[list[Issue], set]:
         described = "".join(f"\n           path {i + 1}: {_describe_path(gm, path)}" for i, path in enumerate(paths))
         fix = (f"the output of {_name(gm, n)} feeds {len(users)} paths, merged again by "
                f"{_describe(gm, merge)}:{described}\n           {_FIX[0].upper()}{_FIX[1:]}")
-        issues.append(issue_at(n, BRANCH, fix, module=_module(gm, n)))
+        issues.append(issue_at(n, RESIDUAL if merge.target in _ADDS else BRANCH, fix, module=_module(gm, n)))
     for n in nodes:
         inputs = [a for a in n.all_input_nodes if a.op != "get_attr"]
         if n.op != "output" and len(inputs) > 1 and n not in merged:

@@ -3,22 +3,75 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import os
 from typing import Optional, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fxlava import frontend
 from fxlava.backends.lava_dl import blocks_of, to_lava_dl
 from fxlava.blocks import SynapseBlock
+from fxlava.errors import UnsupportedModelError, in_model_order
 from fxlava.options import CompileOptions
 from fxlava.pass_manager import CompileContext, Pipeline
 
 __all__ = ["compile", "CompiledNetwork"]
 
 log = logging.getLogger(__name__)
+
+
+_ATTENTION_OPS = {torch.matmul, torch.bmm, torch.einsum, operator.matmul, torch.softmax, F.softmax,
+                  "matmul", "bmm", "softmax", "__matmul__"}
+_UNLOWERED_OPS = ("an operation with no Loihi equivalent", "an input encoding inside forward()")
+
+
+def _scope_of(path: str, scopes) -> bool:
+    return any(path == scope or path.startswith(scope + ".") for scope in scopes)
+
+
+def one_per_module(gm: fx.GraphModule, issues: list) -> list:
+    """A user's module (a neuron, a block) whose forward() does operations no pass lowers is refused once.
+
+    Its unlowered operations become one issue naming the module's path and class and its first such
+    operation; every other issue inside that module (the branches and merges of its arithmetic) is
+    dropped. A module whose only problem is a branch (a residual block) keeps its issues, which name
+    the residual.
+    """
+    groups: dict[str, list] = {}
+    for issue in issues:
+        node = issue.fx_node
+        if node is not None and node.op in ("call_function", "call_method") and issue.path \
+                and issue.reason.startswith(_UNLOWERED_OPS):
+            groups.setdefault(issue.path, []).append(issue)
+    if not groups:
+        return issues
+    merged = []
+    for scope, members in groups.items():
+        first = members[0]
+        node = first.fx_node
+        stack = node.meta.get("nn_module_stack") or {}
+        cls = next((v[1] for v in reversed(list(stack.values())) if v and v[0] == scope), None)
+        ctype = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else str(cls or "")
+        ops = ", ".join(dict.fromkeys(_op_name(i.fx_node) for i in members))
+        # q @ k merges two inputs, so the branch check may have claimed it: look at every op in the module
+        attention = any(n.target in _ATTENTION_OPS for n in gm.graph.nodes
+                        if _scope_of(n.meta.get("fxlava_path") or "\0", (scope,)))
+        reason = ("attention: a product of two activations (matmul/softmax), which Loihi's fixed synaptic weights "
+                  "cannot compute" if attention else "a module whose forward() does operations fxlava cannot lower")
+        merged.append(dataclasses.replace(
+            first, reason=reason, module_type=ctype,
+            fix=f"its first unsupported operation is {_op_name(node)}() (all: {ops}); replace the module by "
+                f"SpikingJelly neurons and layers fxlava compiles (IFNode, LIFNode, ParametricLIFNode, CUBALIFNode, "
+                f"Conv2d, Linear, pools), or write a pass that lowers it"))
+    return in_model_order(merged + [i for i in issues if not _scope_of(i.path, groups)])
+
+
+def _op_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
 class CompiledNetwork(nn.Module):
@@ -113,7 +166,27 @@ def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pi
     if readout.ops:
         ctx.record("trace", f"readout after {readout.after} runs on the host, not on Loihi "
                             f"(net.readout): {', '.join(readout.ops)}")
-    gm = pipeline.run(gm, ctx)  # raises one UnsupportedModelError with every refusal
+    if gm.meta.get("fxlava_shape_queries"):
+        ctx.record("trace", f"shape queries ({', '.join(sorted(set(gm.meta['fxlava_shape_queries'])))}) answered from "
+                            f"the example input: the graph is specialised to rank {example_input.dim()} and "
+                            f"T = {example_input.shape[0]}")
+    if gm.meta.get("fxlava_time_loops"):
+        ctx.record("trace", f"forward() loops over the {example_input.shape[0]} time steps calling single-step "
+                            f"modules: the loop is compiled as one step, run once per step")
+    if gm.meta.get("fxlava_dropped"):
+        ctx.record("trace", f"identities in eval mode removed: {', '.join(gm.meta['fxlava_dropped'])}")
+    # an output that no operation computes (neuron state, a constant, None, the input): no pass would see
+    # it; an operation's output that is not spikes (a trailing Linear, a non-spiking neuron, an add) its
+    # pass refuses
+    ctx.refuse([i for i in frontend.output_issues(gm)
+                if i.fx_node is None or i.fx_node.op not in ("call_module", "call_function", "call_method")])
+    try:
+        gm = pipeline.run(gm, ctx)  # raises one UnsupportedModelError with every refusal
+    except UnsupportedModelError as exc:
+        grouped = one_per_module(gm, exc.issues)
+        if len(grouped) == len(exc.issues):
+            raise
+        raise UnsupportedModelError(grouped) from exc
     net = CompiledNetwork(gm, ctx, pipeline, readout)
     floor = net.voltage_floor_steps
     if floor is not None and floor < example_input.shape[0]:

@@ -44,7 +44,8 @@ CASES = [
      _seq(layer.Flatten(), layer.Linear(64, 3, bias=False), neuron.QIFNode()),
      r"(?s)neuron with no Loihi CUBA equivalent \(QIFNode: .*quadratic.*\).*- 2 "),
     ("residual branch", Residual(),
-     r"(?s)a branch: netx runs only a straight chain of layers:\n  - <x>\n      fix: the output of the input x feeds 2 "
+     r"(?s)a residual connection \(a branch merged again by an add\): netx runs only a straight chain of layers:"
+     r"\n  - <x>\n      fix: the output of the input x feeds 2 "
      r"paths, merged again by add\(\) \(at .*test_failcases.py:\d+: return self.sn\(self.conv\(x\)\) \+ x\):"
      r"\n +path 1: conv -> sn \(at .*test_failcases.py.*\n +path 2: the fork's output itself"),
     ("everything at once",

@@ -5,6 +5,8 @@ The stages, one file each, in the order ``trace`` runs them:
 * ``step_modes.py``: the step mode in which the model's neurons see time (and the SpikingJelly
   containers that would feed them differently from the per-step form), neuron resets;
 * ``tracer.py``: torch.fx tracing of a copy of the model, SpikingJelly's modules kept as leaves;
+* ``time_loop.py``: a forward() that runs single-step modules once per step and stacks the outputs,
+  folded into one step;
 * ``readout.py``: the parameter-free ops after the last spiking layer, cut off into a ``Readout``
   that runs on the host;
 * ``canonical.py``: the canonical form the built-in passes read.
@@ -39,16 +41,18 @@ import logging
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from fxlava.chain import chain_issues
-from fxlava.errors import FxlavaError, UnsupportedModelError
+from fxlava.errors import FxlavaError, Issue, UnsupportedModelError, _source_line
 from fxlava.frontend.canonical import _Canonicalizer, _fill_shapes
-from fxlava.frontend.readout import Readout, split_readout
+from fxlava.frontend.readout import Readout, output_issues, split_readout
 from fxlava.frontend.step_modes import _set_single_step, detect_step_mode, reset_states, run_per_step
-from fxlava.frontend.tracer import SpikingTracer
+from fxlava.frontend.time_loop import fold_time_loops
+from fxlava.frontend.shapes import ShapeRunError, propagate_shapes
+from fxlava.frontend.tracer import SpikingTracer, UntraceableError
 
-__all__ = ["SpikingTracer", "trace", "detect_step_mode", "chain_issues", "run_per_step", "reset_states", "Readout"]
+__all__ = ["SpikingTracer", "trace", "detect_step_mode", "chain_issues", "output_issues", "run_per_step",
+           "reset_states", "Readout"]
 
 log = logging.getLogger(__name__)
 
@@ -68,32 +72,26 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[fx.GraphModule
         )
     step_mode = detect_step_mode(model)
     root = copy.deepcopy(model).eval()
-    reset_states(root)
-    try:
-        graph = SpikingTracer().trace(root)
-    except Exception as exc:
-        raise FxlavaError(
-            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
-            f"fix: keep forward() free of data-dependent Python control flow (if/for on tensor values); "
-            f"wrap such code in a module and keep it out of the network that goes to Loihi"
-        ) from exc
-    gm0 = fx.GraphModule(root, graph)
     T, N = example_input.shape[:2]
+    gm0, loops = None, 0
+    if step_mode == "s":
+        # single-step neurons: forward() takes one step [N, *], or takes [T, N, *] and loops over the
+        # steps itself; the second kind traces, on the whole sequence, into T copies of one step
+        try:
+            gm0 = _trace_and_run(model, root, example_input.to(torch.float32), example_input, step_mode)
+            loops = fold_time_loops(gm0)
+        except FxlavaError:
+            loops = 0
+        if not loops:  # tracing may have left proxies in the copy's attributes (self.v = ...): start afresh
+            gm0, root = None, copy.deepcopy(model).eval()
+    if gm0 is None:
+        x0 = (example_input if step_mode == "m" else example_input[0]).to(torch.float32)
+        gm0 = _trace_and_run(model, root, x0, example_input, step_mode)
+    else:
+        step_mode = "m"  # the model takes the sequence, like a multi-step model
     lead = 2 if step_mode == "m" else 1
-    x0 = example_input if step_mode == "m" else example_input[0]
-    try:
-        with torch.no_grad():
-            ShapeProp(gm0).propagate(x0.to(torch.float32))
-    except Exception as exc:
-        raise FxlavaError(
-            f"running {type(model).__name__} on the example input {tuple(example_input.shape)} failed "
-            f"({type(exc).__name__}: {exc}); fix: pass an example input shaped [T, N, *] that the model accepts "
-            f"in its step mode ('{step_mode}')"
-        ) from exc
-    finally:
-        reset_states(root)
     readout = split_readout(gm0, step_mode)
-    canonicalizer = _Canonicalizer(gm0, root, lead, T, N)
+    canonicalizer = _Canonicalizer(gm0, root, lead, T, N, folded_loops=bool(loops))
     graph = canonicalizer.run()
     if canonicalizer.issues:
         raise UnsupportedModelError(canonicalizer.issues)
@@ -106,6 +104,43 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[fx.GraphModule
         n.meta["fxlava_order"] = i
     gm.meta["fxlava_step_mode"] = step_mode
     gm.meta["fxlava_layout"] = "per_step"  # see fxlava.graph_runner.run_graph
+    gm.meta["fxlava_shape_queries"] = gm0.meta["fxlava_shape_queries"]
+    gm.meta["fxlava_dropped"] = list(canonicalizer.dropped)
+    gm.meta["fxlava_time_loops"] = loops
     gm.meta["fxlava_readout"] = readout or Readout(step_mode=step_mode)
     return gm, step_mode
 
+
+
+def _trace_and_run(model: nn.Module, root: nn.Module, x0: torch.Tensor, example_input: torch.Tensor,
+                   step_mode: str) -> fx.GraphModule:
+    """Trace ``root`` on ``x0`` (shape queries answered from it) and record every node's shape."""
+    reset_states(root)
+    tracer = SpikingTracer((x0,))
+    try:
+        graph = tracer.trace(root)
+    except UntraceableError as exc:
+        raise UnsupportedModelError([Issue(
+            reason=f"forward() cannot be traced: {exc.construct}", path="", module_type=type(model).__qualname__,
+            node=f"{type(exc.cause).__name__}: {exc.cause}", source=exc.source,
+            fix="keep forward() free of Python control flow on tensor values (shapes are fine: they are "
+                "answered from the example input); compute such code outside the model")]) from exc
+    finally:
+        reset_states(root)
+    gm0 = fx.GraphModule(root, graph)
+    gm0.meta["fxlava_shape_queries"] = list(tracer.shape_queries)
+    if tracer.complete:  # every node's shape was recorded while tracing, from the same example
+        return gm0
+    try:  # an operation failed on the example: run the graph again to name it
+        propagate_shapes(gm0, x0)
+    except ShapeRunError as exc:
+        where = _source_line(exc.node) or exc.node.format_node()
+        raise FxlavaError(
+            f"running {type(model).__name__} on the example input {tuple(example_input.shape)} failed at "
+            f"{where} ({type(exc.cause).__name__}: {exc.cause}); fix: pass an example input shaped [T, N, *] "
+            f"that forward() accepts in the model's step mode ('{step_mode}': "
+            f"{'the whole [T, N, *] sequence' if step_mode == 'm' else 'one step [N, *] per call'})"
+        ) from exc.cause
+    finally:
+        reset_states(root)
+    return gm0

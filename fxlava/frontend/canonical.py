@@ -10,10 +10,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp
 
 from fxlava.errors import Issue, issue_at
-from fxlava.frontend.step_modes import _container_types, _is_plain_sequential, reset_states
+from fxlava.rules import IDENTITIES
+from fxlava.frontend.shapes import ShapeRunError, propagate_shapes
+from fxlava.frontend.time_loop import is_step_select, is_step_stack
+from fxlava.frontend.step_modes import _container_types, _is_plain_sequential, _is_stateful, reset_states
 from fxlava.frontend.tracer import SpikingTracer, _is_spikingjelly
 
 
@@ -43,13 +45,27 @@ _RESHAPE_METHODS = {"flatten", "unflatten", "view", "reshape", "contiguous", "sq
                     "reshape_as"}
 
 
+def _is_identity(m: nn.Module) -> bool:
+    """Identity and every Dropout: the compiled network is the model in eval mode, where they pass x through."""
+    from spikingjelly.activation_based import layer
+
+    return isinstance(m, IDENTITIES + (layer.Dropout,))  # layer.Dropout2d subclasses layer.Dropout
+
+
+def _scope(node: fx.Node) -> str:
+    """The path of the module whose forward() called this function or method ('' for the model's own forward)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v and v[0]]
+    return paths[-1] if paths else ""
+
+
 def _shape(node) -> Optional[torch.Size]:
     tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return getattr(tm, "shape", None)
 
 
 class _Canonicalizer:
-    def __init__(self, gm0: fx.GraphModule, root: nn.Module, lead: int, T: int, N: int):
+    def __init__(self, gm0: fx.GraphModule, root: nn.Module, lead: int, T: int, N: int, folded_loops: bool = False):
         self.gm0, self.root, self.T, self.N = gm0, root, T, N
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
@@ -59,12 +75,18 @@ class _Canonicalizer:
         self.containers = _container_types()
         self.count = 0
         self.issues: list[Issue] = []
+        self.unit_close: set[fx.Node] = set()
+        self.unit_shapes: dict[fx.Node, tuple] = {}  # per-sample shapes of the nodes between a unit-axes pair
+        self.folded_loops = folded_loops  # fold_time_loops left x[0] ... stack([y]) in the graph
+        self.dropped: list[str] = []  # Identity and Dropout modules, identities in eval mode
 
     def _copy_meta(self, new: fx.Node, old: fx.Node, path: str, shape, lead: int):
         if "stack_trace" in old.meta:
             new.meta["stack_trace"] = old.meta["stack_trace"]
         new.meta["fxlava_path"] = path
-        if shape is not None:
+        if old in self.unit_shapes:
+            new.meta["fxlava_shape"] = self.unit_shapes[old]
+        elif shape is not None:
             new.meta["fxlava_shape"] = tuple(shape[lead:])
 
     def _add_module(self, module: nn.Module, hint: str) -> str:
@@ -86,7 +108,9 @@ class _Canonicalizer:
         for i, (name, child) in enumerate(children):
             sub = f"{target}.{name}"
             shape = _shape(old) if i == len(children) - 1 else None
-            if isinstance(child, self.containers) or _is_plain_sequential(child):
+            if _is_identity(child):
+                self.dropped.append(sub)
+            elif isinstance(child, self.containers) or _is_plain_sequential(child):
                 out = self._expand(sub, out, old, lead)
             elif not _is_spikingjelly(child) and not SpikingTracer().is_leaf_module(child, sub):
                 # a module with its own forward() inside a SpikingJelly container: the container is a
@@ -101,6 +125,45 @@ class _Canonicalizer:
             else:
                 out = self._emit_module(sub, out, old, sub, shape, lead)
         return out
+
+    def _unit_axes_pair(self, node: fx.Node, lead: int) -> bool:
+        """``x.unsqueeze(-1)`` -> BatchNorm1d / neurons -> ``.squeeze(-1)``: layout only, both reshapes dropped.
+
+        ``node`` adds or removes size-1 axes of one sample and keeps the channel axis first; the
+        modules after it (a single-user chain of BatchNorm1d, neurons) work per channel either way;
+        and a reshape after them restores the per-sample shape ``node`` started from.
+        """
+        src = node.args[0]
+        si, so = _shape(src), _shape(node)
+        if not isinstance(src, fx.Node) or si is None or so is None or tuple(si[:lead]) != tuple(so[:lead]):
+            return False
+        before, after = tuple(si[lead:]), tuple(so[lead:])
+        if before == after or [d for d in before if d != 1] != [d for d in after if d != 1] \
+                or not before or not after or before[0] != after[0]:
+            return False
+        between, n = [], node
+        while len(n.users) == 1:
+            n = next(iter(n.users))
+            if n.op == "call_module" and self._per_channel(self.modules[n.target], before[0]):
+                between.append(n)
+                continue
+            shape = _shape(n)
+            is_reshape = (n.op == "call_function" and n.target in _RESHAPES_FN) or (
+                n.op == "call_method" and n.target in _RESHAPE_METHODS)
+            if is_reshape and between and shape is not None and tuple(shape[lead:]) == before \
+                    and tuple(shape[:lead]) == tuple(si[:lead]):
+                self.unit_close.add(n)
+                self.unit_shapes.update((b, before) for b in between)
+                return True
+            return False
+        return False
+
+    @staticmethod
+    def _per_channel(m: nn.Module, channels: int) -> bool:
+        """Modules that act on each channel (axis 1) alone, whatever axes of size 1 follow it."""
+        if isinstance(m, nn.BatchNorm1d):
+            return m.num_features == channels
+        return _is_stateful(m) or _is_identity(m)
 
     def _reshape(self, node: fx.Node) -> Optional[tuple]:
         """Classify a reshape: ('flatten'|'identity', new lead) or None if it mixes dims."""
@@ -151,6 +214,10 @@ class _Canonicalizer:
             lead = self.lead.get(arg0, self.input_lead) if isinstance(arg0, fx.Node) else self.input_lead
             if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
                 m = self.modules[node.target]
+                if _is_identity(m):
+                    self.env[node], self.lead[node] = self.env[arg0], lead
+                    self.dropped.append(node.target)
+                    continue
                 if isinstance(m, self.containers):
                     self.env[node] = self._expand(node.target, self.env[arg0], node, lead)
                 elif isinstance(m, nn.Flatten) and (kind := self._reshape(node)) is not None:
@@ -161,13 +228,32 @@ class _Canonicalizer:
                     self.env[node] = self._emit_module(node.target, self.env[arg0], node, node.target, _shape(node), lead)
                 self.lead[node] = lead
                 continue
+            if self.folded_loops and isinstance(arg0, (fx.Node, list, tuple)):
+                # the folded loop's step select x[0] and stack([y]): per step, both are the identity
+                if is_step_select(node) and lead == 2:
+                    self.env[node], self.lead[node] = self.env[arg0], 1
+                    continue
+                if is_step_stack(node) and self.lead.get(node.args[0][0]) == 1:
+                    self.env[node], self.lead[node] = self.env[node.args[0][0]], 2
+                    continue
             is_reshape = (node.op == "call_function" and node.target in _RESHAPES_FN) or (
                 node.op == "call_method" and node.target in _RESHAPE_METHODS)
             if is_reshape:
+                if node in self.unit_close:  # the reshape that restores the layout a unit reshape changed
+                    self.env[node], self.lead[node] = self.env[arg0], lead
+                    continue
                 kind = self._reshape(node)
                 if kind is not None:
                     self._lower_reshape(node, kind, "")
                     continue
+                if self._unit_axes_pair(node, lead):
+                    self.env[node], self.lead[node] = self.env[arg0], lead
+                    continue
+            if node.op == "call_function" and _FUNCTIONAL_MODULES.get(node.target) is _dropout \
+                    and isinstance(arg0, fx.Node):
+                self.env[node], self.lead[node] = self.env[arg0], lead
+                self.dropped.append(f"{node.target.__name__}()")
+                continue
             if node.op == "call_function" and node.target in _FUNCTIONAL_MODULES and isinstance(arg0, fx.Node):
                 try:
                     bound = inspect.signature(_FUNCTIONAL_MODULES[node.target]).bind(*node.args, **node.kwargs)
@@ -182,7 +268,7 @@ class _Canonicalizer:
                     pass
             # anything else stays as it is; unsupported_nodes() reports it
             new = self.graph.node_copy(node, lambda n: self.env[n])
-            self._copy_meta(new, node, node.target if node.op == "call_module" else "", _shape(node), lead)
+            self._copy_meta(new, node, node.target if node.op == "call_module" else _scope(node), _shape(node), lead)
             self.env[node], self.lead[node] = new, lead
         return self.graph
 
@@ -195,9 +281,8 @@ def _fill_shapes(gm: fx.GraphModule, x0: torch.Tensor) -> None:
         return
     reset_states(gm)
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(x0.to(torch.float32))
-    except Exception:  # left to the checks: a graph that cannot run per step is reported there
+        propagate_shapes(gm, x0.to(torch.float32))
+    except ShapeRunError:  # left to the checks: a graph that cannot run per step is reported there
         return
     finally:
         reset_states(gm)

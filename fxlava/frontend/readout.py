@@ -8,11 +8,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxlava.errors import Issue, issue_at
 from fxlava.frontend.canonical import _FUNCTIONAL_MODULES, _dropout, _max_pool2d
 from fxlava.frontend.step_modes import _is_stateful
+from fxlava.frontend.time_loop import is_step_stack
 from fxlava.frontend.tracer import _is_neuron_subclass
 
-__all__ = ["Readout", "split_readout"]
+__all__ = ["Readout", "split_readout", "output_issues"]
 
 
 class Readout(nn.Module):
@@ -78,7 +80,9 @@ def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
     last = nodes[spiking[-1]]
     tail = nodes[spiking[-1] + 1:-1]
     # max pools (and dropout) of the last spikes compile to Loihi layers: the readout starts after them
-    while tail and tail[0].all_input_nodes == [last] and _compiles_after_spikes(gm0, tail[0]):
+    # (and a folded time loop's stack([y]) is the spikes themselves, stacked over time)
+    while tail and tail[0].all_input_nodes == [last] and (_compiles_after_spikes(gm0, tail[0])
+                                                          or is_step_stack(tail[0])):
         last, tail = tail[0], tail[1:]
     if not tail or output.args[0] not in tail:
         return None
@@ -103,3 +107,34 @@ def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
         gm0.graph.erase_node(n)
     gm0.recompile()
     return readout
+
+
+def output_issues(gm: fx.GraphModule) -> list[Issue]:
+    """The compiled network outputs the last spiking layer's spikes: report an output that is anything else.
+
+    Run on the canonical graph, after the readout was cut off: what forward() returns must be a
+    spiking neuron's output, or a max pool / dropout of one (which compile to Loihi layers too).
+    """
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    value = output.args[0]
+    if isinstance(value, (tuple, list, dict)):
+        return []  # chain_issues reports several outputs
+    fix = ("return the spikes of the last spiking neuron (and compute anything else from them outside the "
+           "model or in parameter-free ops after it, which run on the host as net.readout)")
+    if not isinstance(value, fx.Node):
+        return [issue_at(output, f"forward() returns {value!r}, not spikes computed from its input", fix)]
+    n = value
+    while (n.op == "call_module" and len(n.all_input_nodes) == 1 and _compiles_after_spikes(gm, n)):
+        n = n.all_input_nodes[0]
+    if _is_spiking_node(gm, n):
+        return []
+    if n.op == "get_attr" or (n.op == "call_function" and n.target is getattr):
+        return [issue_at(n, "forward() returns a module's attribute or a constant (such as a neuron's v or v_seq), "
+                            "not spikes", fix)]
+    if n.op == "placeholder":
+        return [issue_at(output, "forward() returns its input (or a reshape of it), not spikes of a neuron", fix)]
+    module = gm.get_submodule(n.target) if n.op == "call_module" else None
+    return [issue_at(n, f"forward() returns the output of {_describe(n, gm)}, which is not spikes: Loihi's "
+                        f"output layer is a layer of spiking neurons",
+                     "end the network with a spiking neuron after this layer, or move it out of the model and run "
+                     "it on the output spikes on the host", module=module)]

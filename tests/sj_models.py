@@ -1,0 +1,153 @@
+"""SpikingJelly 2.0's own models (activation_based.model and .examples), built from the installed package.
+
+torchvision cannot import beside the CPU torch here, and the examples import tensorboard, gym and the
+like for their training scripts. ``stubs`` puts a module in place only for an import that fails, and
+every name in it raises when used: the models below never touch them.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+
+import torch
+from spikingjelly.activation_based import functional, neuron
+
+STUBBED = ("torchvision", "torch.utils.tensorboard", "tensorboard", "tensorboardX", "gym", "torchaudio", "cv2")
+
+
+def _unused(name):
+    def fail(*args, **kwargs):
+        raise RuntimeError(f"{name} is a stub: the SpikingJelly file imports it, the model does not use it")
+    return fail
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, roots):
+        self.roots = roots
+
+    def find_spec(self, name, path, target=None):
+        if any(name == r or name.startswith(r + ".") for r in self.roots):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name)
+        module.__path__ = []
+
+        def getattr_(attr, prefix=spec.name):
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+            return _unused(f"{prefix}.{attr}")
+
+        module.__getattr__ = getattr_
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+@contextlib.contextmanager
+def stubs(roots=STUBBED):
+    """Stub the modules among ``roots`` that cannot be imported, for the duration of the block."""
+    missing = []
+    for root in roots:
+        try:
+            importlib.import_module(root)
+        except Exception:
+            missing.append(root)
+    finder = _StubFinder(missing)
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+        for name in list(sys.modules):
+            if any(name == r or name.startswith(r + ".") for r in missing):
+                del sys.modules[name]
+
+
+def sj(module: str):
+    """Import ``spikingjelly.activation_based.<module>`` with the stubs in place."""
+    with stubs():
+        return importlib.import_module(f"spikingjelly.activation_based.{module}")
+
+
+def multi_step(model):
+    functional.set_step_mode(model, "m")
+    return model.eval()
+
+
+def spikes(*shape, rate=0.4, seed=0):
+    return (torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) < rate).float()
+
+
+def zero_bias_and_shifts(model):
+    """Biases removed and BatchNorm shifts set to 0 by hand (the rest of the model as it was)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase):
+                if m.affine:
+                    m.bias.zero_()
+                if m.running_mean is not None:
+                    m.running_mean.zero_()
+            elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
+                m.bias = None
+    return model
+
+
+def lively(model, seed=0, step=1 / 16):
+    """Weights on lava-dl's grid and large enough that every layer spikes on random inputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:  # conv and linear weights
+                fan_in = p[0].numel()
+                k = max(1, round(40 / fan_in ** 0.5))
+                p.copy_(torch.randint(-6 * k, 6 * k + 1, p.shape, generator=g) * step)
+    return model
+
+
+T, N = 4, 2
+
+
+def _plif(cls, shape, **kw):
+    def build():
+        return multi_step(getattr(sj("model.parametric_lif_net"), cls)(channels=4, spiking_neuron=neuron.LIFNode,
+                                                                       **kw))
+    return build, lambda: spikes(T, N, *shape)
+
+
+# name -> (build, example input, expected): expected is "compiles" or the refusal reasons, each a regex
+# that the error must contain; "zeroed" says whether the model with biases/shifts zeroed must compile.
+MODELS = {
+    "model.parametric_lif_net.MNISTNet": (*_plif("MNISTNet", (1, 28, 28)), ["synapse with a bias"], True),
+    "model.parametric_lif_net.FashionMNISTNet": (*_plif("FashionMNISTNet", (1, 28, 28)), ["synapse with a bias"],
+                                                 True),
+    "model.parametric_lif_net.NMNISTNet": (*_plif("NMNISTNet", (2, 34, 34)), ["synapse with a bias"], True),
+    "model.parametric_lif_net.CIFAR10Net": (*_plif("CIFAR10Net", (3, 32, 32)), ["synapse with a bias"], True),
+    "model.parametric_lif_net.CIFAR10DVSNet": (*_plif("CIFAR10DVSNet", (2, 128, 128)), ["synapse with a bias"],
+                                               True),
+    "model.parametric_lif_net.DVSGestureNet": (*_plif("DVSGestureNet", (2, 128, 128)), ["synapse with a bias"],
+                                               True),
+    "examples.lif_fc_mnist.SNN": (lambda: sj("examples.lif_fc_mnist").SNN(tau=2.0).eval(),
+                                  lambda: spikes(T, N, 1, 28, 28), "compiles", True),
+    "examples.conv_fashion_mnist.CSNN.conv_fc": (
+        lambda: multi_step(sj("examples.conv_fashion_mnist").CSNN(T=T, channels=4)).conv_fc,
+        lambda: spikes(T, N, 1, 28, 28), "compiles", True),
+    "examples.rsnn_sequential_fmnist.PlainNet": (lambda: multi_step(sj("examples.rsnn_sequential_fmnist").PlainNet()),
+                                                 lambda: spikes(T, N, 28), ["synapse with a bias"], True),
+    "examples.rsnn_sequential_fmnist.FeedBackNet": (
+        lambda: multi_step(sj("examples.rsnn_sequential_fmnist").FeedBackNet()), lambda: spikes(T, N, 28),
+        ["synapse with a bias", "recurrent container"], False),
+    "model.spiking_resnet.spiking_resnet18": (
+        lambda: multi_step(sj("model.spiking_resnet").spiking_resnet18(spiking_neuron=neuron.IFNode, num_classes=10)),
+        lambda: spikes(1, 1, 3, 32, 32), ["a residual connection", "synapse with a bias"], False),
+    "model.sew_resnet.sew_resnet18": (
+        lambda: multi_step(sj("model.sew_resnet").sew_resnet18(spiking_neuron=neuron.IFNode, num_classes=10,
+                                                                cnf="ADD")),
+        lambda: spikes(1, 1, 3, 32, 32), ["a residual connection", "synapse with a bias"], False),
+}
