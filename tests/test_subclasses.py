@@ -184,3 +184,27 @@ def test_weight_standardised_layers_run_in_lava_as_in_lava_dl(tmp_path):
     expected = net.lava_dl(xin)
     assert expected.sum() > 0
     assert torch.equal(fxlava.run_lava(path, xin), expected)
+
+
+# ------------------------------------------------------------------ containers
+
+class DoublingContainer(layer.SeqToANNContainer):
+    def forward(self, x_seq):
+        return 2 * super().forward(x_seq)
+
+
+class NamedContainer(layer.SeqToANNContainer):
+    def __init__(self, cin, cout):
+        super().__init__(layer.Conv2d(cin, cout, 3, padding=1, bias=False))
+
+
+def test_a_container_subclass_is_traced_for_what_its_forward_does():
+    # a user's container is not a leaf of the trace: its own forward is traced, and what it adds is refused
+    refused = nn.Sequential(DoublingContainer(layer.Conv2d(1, 2, 3, padding=1, bias=False)),
+                            neuron.IFNode(step_mode="m")).eval()
+    with pytest.raises(fxlava.UnsupportedModelError, match=r"(?s)<mul>.*return 2 \* super\(\).forward\(x_seq\)"):
+        fxlava.compile(refused, X)
+    mine = nn.Sequential(NamedContainer(1, 2), neuron.IFNode(step_mode="m"), layer.Flatten(step_mode="m"),
+                         layer.Linear(32, 3, bias=False, step_mode="m"), neuron.IFNode(step_mode="m")).eval()
+    net = fxlava.compile(mine, X)
+    assert [b.kind for b in net.blocks] == ["conv", "flatten", "dense"]
