@@ -30,6 +30,7 @@ import math
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -130,7 +131,7 @@ def _run_here(path: str, spikes: np.ndarray, progress: bool, samples_per_load: i
     # per layer. Layer k (1-based) first sees sample s at step s*T + 1 + k: the source sends input
     # step 0 at Lava step 1 and each synapse holds it back one step. reset_offset=1 matches that.
     net = _load_network(path, reset_interval=steps, reset_offset=1)
-    watchdog = None
+    watchdog, restore = None, None
     try:
         _check_runnable(net, path)
         latency = len(net.layers)
@@ -156,6 +157,7 @@ def _run_here(path: str, spikes: np.ndarray, progress: bool, samples_per_load: i
         run_cfg = Loihi2SimCfg(select_tag="fixed_pt")
         watchdog = _Watchdog(net, path, report)
         watchdog.start()
+        restore = _report_model_errors(net, path, report)
 
         stream = []
         with tqdm(total=n, disable=not progress, unit="sample", desc="Lava") as bar:
@@ -169,6 +171,8 @@ def _run_here(path: str, spikes: np.ndarray, progress: bool, samples_per_load: i
                     bar.update(1 if sample < n else 0)
                 stream.append(np.asarray(sink.data.get())[..., : count * steps])
     finally:
+        if restore is not None:
+            restore()
         if watchdog is not None:
             watchdog.stop()  # workers exit on stop(): that is no death
         # Lava forks worker processes; stop() ends them even when compiling or running failed.
@@ -220,13 +224,53 @@ class _Watchdog(threading.Thread):
                 raised = actor._pconn.recv()
                 if raised:
                     exc, tb = raised
-                    cause = f": {type(exc).__name__}: {exc}\n{tb}"
+                    frames = [ln.strip() for ln in str(tb).splitlines() if ln.strip().startswith("File ")]
+                    at = f" ({frames[-1]})" if frames else ""
+                    cause = f": {type(exc).__name__}: {exc}{at}"
         except (EOFError, OSError, ValueError):
             pass
         if not cause:
             cause = f" ({_exit_text(actor.exitcode)})"
         return LavaRunError(f"{self._path}: {what} for {where} died while the network ran{cause}",
                             self._path, layer)
+
+
+def _report_model_errors(net, path: str, report: Callable[[BaseException], None]) -> Callable[[], None]:
+    """Make Lava's Python process models report an exception (with their layer) before Lava's error handling.
+
+    A process model that raises tells Lava's runtime service and then joins its ports, which blocks while
+    the other workers wait for it; Lava's runtime then joins every worker and hangs. The join runs inside
+    the ``except`` block, so the exception is known there: Lava's workers are forked after this patch, and
+    each sends its exception straight to the parent of the run. Returns a function that undoes the patch.
+    """
+    from lava.magma.core.model.py.model import AbstractPyProcessModel
+
+    original = AbstractPyProcessModel.join
+
+    def join(self):
+        raised = sys.exc_info()[1]
+        if raised is not None:
+            layer = _layer_of_process_id(net, getattr(self, "model_id", None))
+            where = f"netx layer {layer}" if layer is not None else "the network"
+            frame = traceback.extract_tb(raised.__traceback__)[-1:]
+            at = f" (File {frame[0].filename}, line {frame[0].lineno})" if frame else ""
+            report(LavaRunError(f"{path}: the Lava process running {type(self).__name__} for {where} raised "
+                                f"{type(raised).__name__}: {raised}{at}", path, layer))
+        return original(self)
+
+    AbstractPyProcessModel.join = join
+    return lambda: setattr(AbstractPyProcessModel, "join", original)
+
+
+def _layer_of_process_id(net, process_id) -> Optional[int]:
+    """The netx layer index (as in /layer/<i>) whose block holds the Lava process with id ``process_id``."""
+    if process_id is None:
+        return None
+    for index, layer in enumerate(net.layers):
+        parts = (layer, getattr(layer, "synapse", None), getattr(layer, "neuron", None))
+        if any(getattr(p, "id", None) == process_id for p in parts if p is not None):
+            return _file_layer_index(net, index)
+    return None
 
 
 def _worker_processes(net) -> list:

@@ -110,3 +110,20 @@ def test_the_time_budget_grows_with_the_network_and_keeps_its_floor(tmp_path):
     assert small >= lava_runner.BUDGET_FLOOR_S
     assert lava_runner.time_budget(path, 10_000, T) > 2 * small
     assert np.isfinite(small)
+
+
+@pytest.mark.lava
+def test_a_lava_worker_that_raises_is_named_with_its_layer_and_error(tmp_path, monkeypatch, no_strays):
+    # as Lava's int8 conv fields did at 256 groups: the conv's worker divides by zero
+    from lava.proc.conv import utils
+
+    def broken_conv(*args, **kwargs):
+        raise ZeroDivisionError("integer division or modulo by zero")
+
+    monkeypatch.setattr(utils, "conv", broken_conv)  # Lava's workers are forked: they see it
+    path = written(conv_net(), tmp_path, CONV_INPUT)
+    with pytest.raises(fxlava.LavaRunError, match=r"PyConvModelFixed for netx layer 1 raised ZeroDivisionError: "
+                                                  r"integer division or modulo by zero \(File .*test_lava_run_failures") as err:
+        lava_runner.run_lava(path, spikes((2, *CONV_INPUT, T), seed=2), timeout=120)
+    assert err.value.layer == 1
+    assert "Traceback" not in str(err.value)
