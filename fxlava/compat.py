@@ -23,6 +23,12 @@ numpy 1.x, ``install()`` changes nothing):
    fixes the default). It is rewritten to ``set_start_method('fork', force=True)``: the same
    method Lava needs, without the import-order trap. This one is not specific to 3.11.
 
+5. ``lava.proc.conv.models`` stores a conv's kernel size, stride, padding, dilation and groups
+   as int8 in the process model the simulator runs. 128 groups wrap to -128 (a netx conv then
+   outputs nothing), 256 to 0 (division by zero), 129 made a run hang; a kernel, stride, padding
+   or dilation above 127 wraps the same way. They are declared int32 instead. Neither the netx
+   format nor Lava's Conv process limits these values (docs/compat.md); only this model did.
+
 The rewritten modules are compiled in memory from the genuine source; nothing is written
 to site-packages (the wheels' RECORD hashes still verify). Lava forks its workers, so the
 import hook installed in the parent process is inherited by them.
@@ -80,6 +86,23 @@ def _rewrite_start_method(source: str) -> str:
     return rewritten
 
 
+_CONV_GEOMETRY = ("kernel_size", "stride", "padding", "dilation", "groups")
+
+
+def _rewrite_conv_geometry(source: str) -> str:
+    """Conv geometry vars ``LavaPyType(np.ndarray, np.int8, precision=8)`` -> int32 (wider than any real layer)."""
+    rewritten, count = re.subn(
+        rf"^(\s+(?:{'|'.join(_CONV_GEOMETRY)}): np\.ndarray = LavaPyType\(np\.ndarray, )np\.int8, precision=8\)",
+        r"\1np.int32, precision=32)",
+        source,
+        flags=re.MULTILINE,
+    )
+    if count != len(_CONV_GEOMETRY):
+        raise ImportError(f"fxlava.compat: conv/models.py no longer declares {', '.join(_CONV_GEOMETRY)} as int8 "
+                          f"({count} of {len(_CONV_GEOMETRY)} found)")
+    return rewritten
+
+
 @dataclass(frozen=True)
 class SourcePatch:
     """A source rewrite applied to one module when ``needed()`` is true."""
@@ -108,6 +131,12 @@ PATCHES = (
         lambda: sys.platform != "win32",
         _rewrite_start_method,
         "set_start_method('fork') at import fails once the start method is fixed",
+    ),
+    SourcePatch(
+        "lava.proc.conv.models",
+        lambda: True,
+        _rewrite_conv_geometry,
+        "conv groups, kernel, stride, padding and dilation stored as int8 wrap from 128",
     ),
 )
 

@@ -6,7 +6,8 @@ from typing import Iterable, Optional
 
 import torch.fx as fx
 
-__all__ = ["Issue", "FxlavaError", "UnsupportedModelError", "PassError", "issue_at", "model_order", "in_model_order"]
+__all__ = ["Issue", "FxlavaError", "UnsupportedModelError", "PassError", "LavaRunError", "issue_at", "model_order",
+           "in_model_order"]
 
 
 @dataclass(frozen=True)
@@ -112,3 +113,15 @@ class PassError(FxlavaError):
         super().__init__(
             f"pass '{pass_name}' failed (passes run before it: {before}): {type(cause).__name__}: {cause}"
         )
+
+
+class LavaRunError(FxlavaError):
+    """Lava could not run a netx file: netx refused it, a Lava process died, or the run overran its time budget.
+
+    ``path`` is the file, ``layer`` the netx layer index (``/layer/<layer>``) when one is to blame.
+    """
+
+    def __init__(self, message: str, path: str = "", layer: Optional[int] = None):
+        self.path = path
+        self.layer = layer
+        super().__init__(message)

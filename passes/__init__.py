@@ -10,6 +10,7 @@ from fxlava.passes.fold_batchnorm import fold_batchnorm
 from fxlava.passes.fuse_blocks import fuse_blocks
 from fxlava.passes.insert_layout import insert_layout
 from fxlava.passes.lower_adaptive_pools import lower_adaptive_pools
+from fxlava.passes.lower_module_subclasses import lower_module_subclasses
 from fxlava.passes.maxpool_to_or import maxpool_to_or
 from fxlava.passes.reject_bias import reject_bias
 from fxlava.passes.remove_identities import remove_identities
@@ -17,6 +18,7 @@ from fxlava.passes.resolve_conv_padding import resolve_conv_padding
 from fxlava.passes.substitute_neurons import substitute_neurons
 
 DEFAULT_PASSES = (
+    Pass("lower_module_subclasses", lower_module_subclasses, lower_module_subclasses.check),
     Pass("remove_identities", remove_identities),
     Pass("reject_bias", reject_bias, reject_bias.check),
     Pass("fold_batchnorm", fold_batchnorm, fold_batchnorm.check),

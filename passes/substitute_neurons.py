@@ -53,6 +53,7 @@ from fxlava.neuron import CubaNeuron
 from fxlava.pass_manager import CompileContext, PassResult
 from fxlava.rewrite import module_of, path_of, set_module
 from fxlava.target import NEURON_SCALE, SYNAPSES, is_stateful
+from fxlava.subclasses import changed_methods, computes_as
 
 PASS = "substitute_neurons"
 OPTION = "decay_input_scale"  # fxlava.compile(..., decay_input_scale="weights" | "threshold")
@@ -221,6 +222,8 @@ def cuba_mapping(m) -> Union[CubaMapping, Refusal]:
     cls, name = type(m), type(m).__name__
     supported = (neuron.IFNode, neuron.SimpleIFNode, neuron.LIFNode, neuron.SimpleLIFNode,
                  neuron.ParametricLIFNode, neuron.CUBALIFNode, lava_exchange.CubaLIFNode)
+    # a subclass that overrides none of its base's compute methods (forward, neuronal_charge, ...) is its base
+    cls = computes_as(m, supported) or cls
     if cls not in supported:
         for base_cls in cls.__mro__:
             if base_cls.__name__ in _STATEFUL:
@@ -229,8 +232,11 @@ def cuba_mapping(m) -> Union[CubaMapping, Refusal]:
                 return Refusal(f"a neuron with no Loihi CUBA equivalent ({name}: "
                                f"{_NO_CUBA_EQUIVALENT[base_cls.__name__]})", _FIX_NEURON)
             if base_cls in supported:
-                return Refusal(f"a subclass of {base_cls.__name__} ({name}) whose dynamics fxlava cannot verify",
-                               f"use {base_cls.__name__} itself, or write a pass that substitutes {name}")
+                changed = ", ".join(changed_methods(m, base_cls))
+                return Refusal(f"a subclass of {base_cls.__name__} ({name}) that changes its dynamics: it overrides "
+                               f"{changed}, so it is not a {base_cls.__name__}",
+                               f"use {base_cls.__name__} itself, or write a pass that substitutes {name} with "
+                               f"the neuron it computes")
         if cls.__module__.startswith("spikingjelly.activation_based.neuron") or isinstance(
                 m, (neuron.BaseNode, neuron.SimpleBaseNode)):
             return Refusal(f"a neuron with no Loihi CUBA equivalent ({name})", _FIX_NEURON)

@@ -89,3 +89,29 @@ def test_biased_model_compiles_as_bias_currents_and_verifies(model_dir):
 def test_unknown_bias_mode_is_refused(model_dir):
     r = _run("usermodel.py:biased", "--input-shape", "8,2,1,8,8", "-o", "b.net", "--bias", "silently", cwd=model_dir)
     assert r.returncode == 2 and "invalid choice: 'silently'" in r.stderr
+
+
+NEWCOMER = textwrap.dedent('''
+    import torch, torch.nn as nn
+    from spikingjelly.activation_based import layer, neuron
+
+    def untrained():
+        """A first try: PyTorch's default init, no training."""
+        torch.manual_seed(0)
+        return nn.Sequential(
+            layer.Conv2d(2, 8, 3, padding=1, bias=False, step_mode="m"), neuron.LIFNode(step_mode="m"),
+            layer.AvgPool2d(2, step_mode="m"), layer.Flatten(step_mode="m"),
+            layer.Linear(512, 10, bias=False, step_mode="m"), neuron.IFNode(step_mode="m"))
+''')
+
+
+def test_an_untrained_model_whose_dense_layer_rounds_to_zero_is_refused_with_the_layer(tmp_path):
+    # every weight of Linear(512, 10) under PyTorch's default init is below 1/64: all round to zero, and
+    # netx cannot load an all-zero dense layer (it divides by the largest weight)
+    (tmp_path / "newcomer.py").write_text(NEWCOMER)
+    r = _run("newcomer.py:untrained", "--input-shape", "8,2,2,16,16", "-o", "first.net", "--verify", "2", cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert "netx /layer/3" in r.stderr and "weights are all zero" in r.stderr
+    assert not (tmp_path / "first.net").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-written file

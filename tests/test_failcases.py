@@ -155,7 +155,10 @@ def test_structure_refused_with_clear_message(name, model, x, pattern):
 
 
 class _MyLIF(neuron.LIFNode):
-    """A user's neuron: its dynamics may differ from LIFNode's."""
+    """A user's neuron with its own charge: not an LIFNode."""
+
+    def neuronal_charge(self, x):
+        self.v = self.v + x
 
 
 def _with(m, **attrs):
@@ -213,7 +216,8 @@ NEURON_BN_CASES = [
     ("parallel spiking neuron", _seq(*_lin(neuron.IFNode(), neuron.PSN(T=4))),
      r"(?s)no Loihi CUBA equivalent \(PSN: parallel spiking neuron.*- 3 \(.*psn.PSN\)"),
     ("subclass of a neuron", _seq(*_lin(_MyLIF(decay_input=False))),
-     r"(?s)a subclass of LIFNode \(_MyLIF\) whose dynamics fxlava cannot verify:\n  - 2 \(tests.test_failcases._MyLIF\)"
+     r"(?s)a subclass of LIFNode \(_MyLIF\) that changes its dynamics: it overrides neuronal_charge, so it is not "
+     r"a LIFNode:\n  - 2 \(tests.test_failcases._MyLIF\)"
      r".*fix: use LIFNode itself"),
     ("element-wise recurrent container",
      _seq(*_lin(layer.ElementWiseRecurrentContainer(neuron.IFNode(), element_wise_function=lambda y, x: x + y))),

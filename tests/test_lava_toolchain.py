@@ -130,8 +130,9 @@ def test_lava_workers_are_stopped_when_a_run_fails(tmp_path, monkeypatch):
     import multiprocessing
 
     import fxlava.lava_runner as lava_runner
+    from tests.processes import forks_of_this_process
 
-    workers_during_run = []
+    counted = multiprocessing.Value("i", -1)  # written by the process that runs Lava
 
     class FailingBar:
         def __init__(self, *args, **kwargs):
@@ -144,15 +145,17 @@ def test_lava_workers_are_stopped_when_a_run_fails(tmp_path, monkeypatch):
             return False
 
         def update(self, n):
-            workers_during_run.append(len(multiprocessing.active_children()))
+            counted.value = len(multiprocessing.active_children())
             raise RuntimeError("interrupted after the first sample")
 
     monkeypatch.setattr(lava_runner, "tqdm", FailingBar)
     path = written(conv_net(), tmp_path, CONV_INPUT)
-    with pytest.raises(RuntimeError, match="interrupted"):
+    before = forks_of_this_process()
+    with pytest.raises(fxlava.LavaRunError, match="interrupted after the first sample") as err:
         lava_runner.run_lava(path, spikes((2, *CONV_INPUT, T), seed=2))
-    assert workers_during_run and workers_during_run[0] > 0  # Lava had forked workers ...
-    assert multiprocessing.active_children() == []  # ... and none is left
+    assert err.value.path == path
+    assert counted.value > 0  # Lava had forked workers ...
+    assert forks_of_this_process() - before == set()  # ... and none is left
 
 
 # ---------------------------------------------------------------- write_netx
@@ -248,3 +251,12 @@ def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, case):
         write_netx(net, kept, input_shape)
     assert kept.read_bytes() == b"the previous network"
     assert os.listdir(tmp_path) == ["kept.net"]
+
+
+def test_an_all_zero_dense_layer_is_refused_and_nothing_is_written(tmp_path):
+    net = conv_net()
+    with torch.no_grad():
+        net[2].synapse.weight.zero_()
+    with pytest.raises(ValueError, match=r"netx /layer/3\) is a dense layer whose 480 weights are all zero"):
+        written(net, tmp_path, CONV_INPUT)
+    assert list(tmp_path.iterdir()) == []

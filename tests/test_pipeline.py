@@ -25,11 +25,11 @@ X = (torch.rand(6, 2, 1, 4, 4, generator=torch.Generator().manual_seed(1)) < 0.5
 
 def test_default_pipeline_is_printable_and_ordered():
     p = fxlava.default_pipeline()
-    assert p.names == ["remove_identities", "reject_bias", "fold_batchnorm", "resolve_conv_padding",
+    assert p.names == ["lower_module_subclasses", "remove_identities", "reject_bias", "fold_batchnorm", "resolve_conv_padding",
                        "lower_adaptive_pools", "avgpool_to_sumpool", "substitute_neurons", "maxpool_to_or",
                        "fuse_blocks", "insert_layout"]
     text = str(p)
-    assert "6. avgpool_to_sumpool" in text and "1/k^2" in text
+    assert "7. avgpool_to_sumpool" in text and "1/k^2" in text
 
 
 def test_custom_pass_halves_thresholds():
@@ -73,7 +73,7 @@ def test_failing_pass_is_named_with_the_passes_before_it():
         raise RuntimeError("boom")
 
     pipeline = fxlava.default_pipeline().insert_before("fuse_blocks", explode)
-    with pytest.raises(fxlava.PassError, match=r"pass 'explode' failed \(passes run before it: remove_identities, "
+    with pytest.raises(fxlava.PassError, match=r"pass 'explode' failed \(passes run before it: lower_module_subclasses, remove_identities, "
                                                r"reject_bias, fold_batchnorm, resolve_conv_padding, lower_adaptive_pools, avgpool_to_sumpool, "
                                                r"substitute_neurons, maxpool_to_or\): RuntimeError: boom"):
         fxlava.compile(_model(), X, pipeline=pipeline)

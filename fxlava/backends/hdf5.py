@@ -157,6 +157,12 @@ def _check_layer(index: int, block, group: h5py.Group, current: tuple[int, ...])
             raise ValueError(f"{where} is a dense layer but receives shape {current}; put a Flatten block before it")
         if current[0] != in_features:
             raise ValueError(f"{where} is a dense layer with {in_features} inputs but receives {current[0]}")
+        if "weight" in group and not np.any(group["weight"][()]):
+            # netx's optimize_weight_bits scales by 255 / max(weight): OverflowError at load time
+            raise ValueError(
+                f"{where} is a dense layer whose {group['weight'].size} weights are all zero after 8-bit "
+                f"quantisation (steps of 2/64); netx cannot load such a layer, and it would pass nothing. "
+                f"Train the network, or scale its weights and thresholds up, so that some weights survive")
     return tuple(int(n) for n in group["shape"][()])
 
 

@@ -42,6 +42,14 @@ def _is_neuron_subclass(m: nn.Module) -> bool:
     return is_neuron(m)
 
 
+def _compiled_by_type(m: nn.Module) -> bool:
+    """A module (or a user's subclass of one) that a pass compiles by its type: a leaf, so that the pass
+    sees it and lower_module_subclasses can check that it computes what its type computes."""
+    from fxlava.target import ADAPTIVE_POOLS, AVG_POOLS, FLATTENS, IDENTITIES, MAX_POOLS, NORMS, SYNAPSES
+
+    return isinstance(m, SYNAPSES + AVG_POOLS + MAX_POOLS + ADAPTIVE_POOLS + FLATTENS + NORMS + IDENTITIES)
+
+
 def is_sj_leaf(m: nn.Module) -> bool:
     """SpikingJelly modules fxlava lowers (or refuses) whole: stateful modules, layers and step containers."""
     from spikingjelly.activation_based import base
@@ -167,7 +175,7 @@ class SpikingTracer(fx.Tracer):
         self.complete = True  # every operation ran on the example: the nodes' shapes are all recorded
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_sj_leaf(m):
+        if is_sj_leaf(m) or _compiled_by_type(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
