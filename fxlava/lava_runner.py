@@ -41,9 +41,9 @@ __all__ = ["run_lava", "lava_latency"]
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
-def lava_latency(path: str | os.PathLike) -> int:
+def lava_latency(path: str | os.PathLike, num_layers: int | None = None) -> int:
     """Steps by which Lava's output lags lava-dl's (``delay_shift=False``) for this netx file."""
-    net = netx_hdf5.Network(net_config=os.fspath(path))
+    net = netx_hdf5.Network(net_config=os.fspath(path), num_layers=num_layers)
     try:
         _check_runnable(net, path)
         return len(net.layers)
@@ -51,8 +51,12 @@ def lava_latency(path: str | os.PathLike) -> int:
         _close(net)
 
 
-def run_lava(path: str | os.PathLike, x: ArrayLike, *, progress: bool = False, samples_per_load: int = 32) -> torch.Tensor:
-    """Run netx file ``path`` in Lava (fixed_pt) on binary spikes ``x`` [N, *, T]; return output spikes [N, *, T]."""
+def run_lava(path: str | os.PathLike, x: ArrayLike, *, progress: bool = False, samples_per_load: int = 32,
+             num_layers: int | None = None) -> torch.Tensor:
+    """Run netx file ``path`` in Lava (fixed_pt) on binary spikes ``x`` [N, *, T]; return output spikes [N, *, T].
+
+    ``num_layers`` builds only the file's first layers, as netx's ``Network(num_layers=...)``.
+    """
     spikes = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     if spikes.ndim < 3:
         raise ValueError(f"x must be [N, *, T] in lava-dl layout (batch first, time last), got shape {spikes.shape}")
@@ -68,9 +72,14 @@ def run_lava(path: str | os.PathLike, x: ArrayLike, *, progress: bool = False, s
     # netx starts a layer's reset offset at reset_offset + 1 (Lava counts steps from 1) and adds 1
     # per layer. Layer k (1-based) first sees sample s at step s*T + 1 + k: the source sends input
     # step 0 at Lava step 1 and each synapse holds it back one step. reset_offset=1 matches that.
-    net = netx_hdf5.Network(net_config=os.fspath(path), reset_interval=steps, reset_offset=1)
+    net = netx_hdf5.Network(net_config=os.fspath(path), reset_interval=steps, reset_offset=1, num_layers=num_layers)
     try:
         _check_runnable(net, path)
+        if n > 1 and _has_delays(net):
+            # A delayed synapse keeps activations in flight past a sample's last step; the reset
+            # of the neurons does not clear them, so samples cannot share one network.
+            return torch.cat([run_lava(path, spikes[i:i + 1], num_layers=num_layers) for i in
+                              tqdm(range(n), disable=not progress, unit="sample", desc="Lava")])
         latency = len(net.layers)
         lava_in = _to_lava_layout(spikes, tuple(net.inp.shape), path)
         lava_out_shape = tuple(net.out.shape)
@@ -105,15 +114,24 @@ def run_lava(path: str | os.PathLike, x: ArrayLike, *, progress: bool = False, s
                     bar.update(1 if sample < n else 0)
                 stream.append(np.asarray(sink.data.get())[..., : count * steps])
     finally:
-        # Lava forks worker processes; stop() ends them even when compiling or running failed.
-        try:
-            net.stop()
-        finally:
-            _close(net)
+        _stop(net)
 
     stream = np.concatenate(stream, axis=-1)
     out = np.stack([stream[..., s * steps + latency: (s + 1) * steps + latency] for s in range(n)])
     return torch.from_numpy(_reverse_sample_axes(out).astype(np.float32))
+
+
+def _stop(net) -> None:
+    # Lava forks worker processes; stop() ends them even when compiling or running failed (it does
+    # nothing for a network that never ran).
+    try:
+        net.stop()
+    finally:
+        _close(net)
+
+
+def _has_delays(net) -> bool:
+    return any(isinstance(layer.synapse, netx_blocks.DelayDenseSynapse) for layer in net.layers)
 
 
 def _check_runnable(net, path) -> None:
@@ -132,10 +150,9 @@ def _check_runnable(net, path) -> None:
         if type(layer.neuron) not in (LIF, LIFReset):
             raise ValueError(f"{where} has {type(layer.neuron).__name__} neurons; run_lava supports CUBA neurons only")
         synapse = layer.synapse
-        if isinstance(synapse, netx_blocks.DelayDenseSynapse) or not isinstance(
-            synapse, (netx_blocks.DenseSynapse, netx_blocks.ConvSynapse)
-        ):
-            raise ValueError(f"{where} has a {type(layer.synapse).__name__} synapse; axonal delays are not supported")
+        if not isinstance(synapse, (netx_blocks.DenseSynapse, netx_blocks.ConvSynapse, netx_blocks.DelayDenseSynapse)):
+            raise ValueError(f"{where} has a {type(layer.synapse).__name__} synapse; run_lava supports Conv, Dense "
+                             f"and DelayDense synapses only")
 
 
 def _to_lava_layout(spikes: np.ndarray, port_shape: tuple[int, ...], path) -> np.ndarray:
