@@ -165,7 +165,7 @@ def _optimize_weight_bits(weight: np.ndarray) -> tuple[np.ndarray, int, int, int
         sign_mode, is_signed, scale = 2, 0, 255 / max_weight  # EXCITATORY
     else:
         sign_mode, is_signed = 1, 1  # MIXED
-        scale = min(127 / max_weight, -128 / min_weight)
+        scale = min(127 / max_weight if max_weight else math.inf, -128 / min_weight)
     scale_bits = int(np.floor(np.log2(scale))) + is_signed
     if scale_bits < 0:
         raise ValueError(f"weights up to {max(abs(max_weight), abs(min_weight))} do not fit Loihi's 8-bit synapse")
@@ -184,7 +184,10 @@ def netx_weights(weight: np.ndarray) -> tuple[np.ndarray, int]:
     netx's ``optimize_weight_bits``, then Lava's ``clip_weights(num_bits=8)`` and
     ``truncate_weights`` (``lava/utils/weightutils.py``), in that order.
     """
-    weight, num_weight_bits, weight_exp, sign_mode = _optimize_weight_bits(weight)
+    weight, num_weight_bits, weight_exp, _ = _optimize_weight_bits(weight)
+    # netx passes no sign mode to the synapse, so Lava's Dense model determines it again from the
+    # shifted weights (determine_sign_mode), which can differ from netx's (all weights <= 0)
+    sign_mode = 2 if weight.min() >= 0 else 3 if weight.max() <= 0 else 1
     mixed = int(sign_mode == 1)
     w = -weight if sign_mode == 3 else weight.copy()
     w = np.clip(w, -(2 ** 8) * mixed, 2 ** 8 - 1)
