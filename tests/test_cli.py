@@ -74,3 +74,26 @@ def test_biased_model_is_refused_cleanly(model_dir):
 def test_bad_model_spec(model_dir):
     r = _run("usermodel.py", "--input-shape", "8,2,1,8,8", "-o", "x.net", cwd=model_dir)
     assert r.returncode != 0 and "path/to/file.py:name" in r.stderr
+
+
+@pytest.mark.lava
+def test_verify_data_runs_a_dataset_through_the_executor_and_some_in_lava(model_dir):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.save(model_dir / "data.npy", (rng.random((40, 1, 8, 8, 8)) < 0.3).astype(np.float32))  # [N, C, H, W, T]
+    r = _run("usermodel.py:Net", "--input-shape", "8,2,1,8,8", "-o", "out.net", "--verify-data", "data.npy",
+             "--verify", "2", "--batch", "16", cwd=model_dir)
+    assert r.returncode == 0, r.stderr
+    assert "verify-data: 40/40 samples of data.npy equal to lava-dl on every output spike" in r.stdout
+    assert "verify-data: 2/2 of them in Lava equal to lava-dl" in r.stdout
+
+
+def test_verify_data_in_spikingjelly_layout_is_refused_with_a_hint(model_dir):
+    import numpy as np
+
+    np.save(model_dir / "data.npy", np.zeros((8, 5, 1, 8, 8), dtype=np.float32))  # [T, N, C, H, W]
+    r = _run("usermodel.py:Net", "--input-shape", "8,2,1,8,8", "-o", "out.net", "--verify-data", "data.npy",
+             cwd=model_dir)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "expected [N, 1, 8, 8, T]" in r.stderr and "fxlava.TNX_to_NXT" in r.stderr

@@ -286,3 +286,41 @@ def test_executor_on_gpu_equals_cpu(tmp_path):  # pragma: no cover - no GPU here
     cpu = load_netx(path)(x)
     gpu = load_netx(path).cuda()(x.cuda())
     assert torch.equal(gpu.cpu(), cpu)
+
+
+def _handwritten_overflow_net(path):
+    """input (64, 6, 6) -> conv with 15-bit weights (Lava uses conv weights as they are).
+
+    The conv's sums pass 2**23 (Lava wraps them to 24 bits), its current passes 2**23 after the
+    shift by 6 (wrapped) and its voltage hits the clip: the arithmetic only large numbers reach.
+    """
+    gen = np.random.default_rng(7)
+    with h5py.File(path, "w") as f:
+        f["layer/0/type"] = np.array([b"input"], dtype="S10")
+        f["layer/0/shape"] = np.array([64, 6, 6])
+        conv = f.create_group("layer/1")
+        conv["type"] = np.array([b"conv"], dtype="S10")
+        conv["shape"] = np.array([4, 6, 6])
+        # channel 0: sums past 2**23 (the conv's wrap); channels 1-3: sums of 2**17 .. 2**19, whose
+        # current (sum << 6) passes 2**23 and wraps once
+        weight = gen.integers(-100, 900, size=(4, 64, 3, 3))
+        weight[0] = gen.integers(8000, 32000, size=(64, 3, 3))
+        conv["weight"] = weight.astype(np.int32)
+        for key, value in {"inChannels": 64, "outChannels": 4, "groups": 1}.items():
+            conv[key] = value
+        for key, value in {"kernelSize": [3, 3], "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1]}.items():
+            conv[key] = np.array(value)
+        conv["neuron/type"] = "CUBA"
+        conv["neuron/iDecay"], conv["neuron/vDecay"], conv["neuron/vThMant"], conv["neuron/refDelay"] = 1024, 128, 50000, 1
+    return str(path)
+
+
+@pytest.mark.lava
+def test_overflowing_sums_currents_and_voltages_equal_lava(tmp_path):
+    path = _handwritten_overflow_net(tmp_path / "overflow.net")
+    x = spikes((2, 64, 6, 6, 12), seed=8, rate=0.9)
+    net = load_netx(path)
+    got, trace = net(x, record=True)
+    assert net.layers[0].may_wrap and trace[0]["u"].abs().max() >= 2 ** 22  # the wrapping paths ran
+    assert trace[0]["s"].sum() > 0 and got.sum() > 0
+    assert torch.equal(got, fxlava.run_lava(path, x))
