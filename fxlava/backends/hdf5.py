@@ -108,14 +108,25 @@ def weight_mantissas(weight) -> np.ndarray:
 
     from fxlava.rules import WEIGHT_MAX, WEIGHT_MIN, WEIGHT_SCALE, WEIGHT_STEP
 
-    # round(w / step) on the clamped grid is fxlava.rules.quantize_weight; one pass over the weights
-    halves = torch.round(weight.detach().to(torch.float32) * (1 / WEIGHT_STEP))
-    halves.clamp_(WEIGHT_MIN / WEIGHT_STEP, WEIGHT_MAX / WEIGHT_STEP)
+    # round(w / step) clamped to the grid is fxlava.rules.quantize_weight in units of the step; those
+    # "halves" always fit an int8. Done in chunks that stay in cache: for VGG-11's 133 M weights the
+    # whole-tensor version spent most of the export streaming temporaries through memory.
+    flat = weight.detach().reshape(-1)
+    halves = torch.empty(flat.numel(), dtype=torch.int8)
+    chunk = 1 << 18
+    buf = torch.empty(min(chunk, flat.numel()), dtype=torch.float32)
+    lo, hi = WEIGHT_MIN / WEIGHT_STEP, WEIGHT_MAX / WEIGHT_STEP
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start:start + chunk]
+        b = buf[: part.numel()]
+        torch.mul(part, 1 / WEIGHT_STEP, out=b).round_().clamp_(lo, hi)
+        halves[start:start + part.numel()].copy_(b)
+    halves = halves.reshape(weight.shape)
     factor = int(WEIGHT_STEP * WEIGHT_SCALE)  # mantissas are multiples of 2
-    lo, hi = (halves.aminmax() if halves.numel() else (torch.tensor(0.0), torch.tensor(0.0)))
-    fits_int8 = lo.item() * factor >= -128 and hi.item() * factor <= 127
-    dtype = torch.int8 if fits_int8 else torch.int16
-    return (halves.to(dtype) * factor).numpy()
+    least, most = (int(v) for v in halves.aminmax()) if halves.numel() else (0, 0)
+    if least * factor >= -128 and most * factor <= 127:
+        return halves.mul_(factor).numpy()
+    return (halves.to(torch.int16) * factor).numpy()
 
 
 def _write_synapse_block(index, block, group, current, out_shape, packed) -> None:

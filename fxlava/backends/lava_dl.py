@@ -46,15 +46,25 @@ def _slayer_block(block: nn.Module):
     # delay_shift=False: the SpikingJelly side has no axonal delay; Lava's per-layer latency is
     # removed by the runner instead.
     if isinstance(syn, nn.Conv2d):
-        out = slayer.block.cuba.Conv(params, syn.in_channels, syn.out_channels, syn.kernel_size,
-                                     stride=syn.stride, padding=syn.padding, dilation=syn.dilation,
-                                     groups=syn.groups, delay_shift=False)
-        with torch.no_grad():
-            out.synapse.weight.copy_(syn.weight.detach().unsqueeze(-1))
+        def build():
+            return slayer.block.cuba.Conv(params, syn.in_channels, syn.out_channels, syn.kernel_size,
+                                          stride=syn.stride, padding=syn.padding, dilation=syn.dilation,
+                                          groups=syn.groups, delay_shift=False)
+        weight = syn.weight.detach().unsqueeze(-1)
     else:
-        out = slayer.block.cuba.Dense(params, syn.in_features, syn.out_features, delay_shift=False)
+        def build():
+            return slayer.block.cuba.Dense(params, syn.in_features, syn.out_features, delay_shift=False)
+        weight = syn.weight.detach()[:, :, None, None, None]
+    # slayer initialises its weights randomly, which for a large network costs more than everything
+    # else here; built on the meta device nothing is allocated, and the weights are then set.
+    with torch.device("meta"):
+        out = build()
+    out.neuron = type(out.neuron)(**params)  # as slayer.block.cuba builds it, with real parameters
+    out.synapse.weight = nn.Parameter(weight.clone(), requires_grad=out.synapse.weight.requires_grad)
+    if any(t.is_meta for t in (*out.parameters(), *out.buffers())):
+        out = build()  # a slayer block with more state than expected: build it the ordinary way
         with torch.no_grad():
-            out.synapse.weight.copy_(syn.weight.detach()[:, :, None, None, None])
+            out.synapse.weight.copy_(weight)
     return out
 
 
