@@ -424,6 +424,11 @@ class _Layer(nn.Module):
         self.delays: list[int] = []
         self.exact_f32 = True
         self.may_wrap = self.may_wrap_input = False
+        # float64 holds every state exactly (products of 24-bit states and 12-bit decays); float32 is
+        # enough, and twice as fast, when no decay multiplies a state and no single input or bias can
+        # leave 24 bits: sums of two values below 2**23 stay exact, and past the clip's bound the
+        # rounding of a larger sum cannot change the clipped value.
+        self.state_dtype = torch.float64
         if spec.weight is None:  # an input layer's neurons have no synapse
             self.register_buffer("weight", None, persistent=False)
             return
@@ -442,15 +447,19 @@ class _Layer(nn.Module):
         self.may_wrap = bound >= _UV_MAX
         # the current can leave 24 bits (and wrap) only if a single step's input can reach 2**23 / 64
         self.may_wrap_input = bound * 64 >= _UV_MAX
+        b_max = float(np.abs(spec.bias).max()) * 64 if spec.bias is not None and spec.bias.size else 0.0
+        if (self.keep_u in (0, _DECAY_UNITY) and self.keep_v in (0, _DECAY_UNITY) and not self.may_wrap_input
+                and self.exact_f32 and b_max < _UV_MAX):
+            self.state_dtype = torch.float32
 
     def synaptic_input(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, N, *in] spikes -> [T, N, *out] integer synaptic input (Lava's a_in), float64."""
+        """[T, N, *in] spikes -> [T, N, *out] integer synaptic input (Lava's a_in), in the layer's state dtype."""
         t, n = x.shape[:2]
         flat = x.reshape(t * n, *x.shape[2:]).to(self.weight.dtype)
         if self.kind == "conv":
             c = self.spec.conv
             a = F.conv2d(flat, self.weight, None, c["stride"], c["padding"], c["dilation"], c["groups"])
-            a = a.to(torch.float64)
+            a = a.to(self.state_dtype)
             if self.may_wrap:  # Lava's conv wraps its sums to 24 bits
                 a = _wrap24(a)
             return a.reshape(t, n, *a.shape[1:])
@@ -458,7 +467,7 @@ class _Layer(nn.Module):
         if not self.delays:
             a = self._shifted(flat @ self.weight.T)
             return a.reshape(t, n, -1)
-        out = torch.zeros(t, n, self.weight.shape[1], dtype=torch.float64, device=x.device)
+        out = torch.zeros(t, n, self.weight.shape[1], dtype=self.state_dtype, device=x.device)
         for w, d in zip(self.weight, self.delays):
             if d >= t:
                 continue
@@ -467,7 +476,7 @@ class _Layer(nn.Module):
         return out
 
     def _shifted(self, a: torch.Tensor) -> torch.Tensor:
-        a = a.to(torch.float64)
+        a = a.to(self.state_dtype)
         if self.shift != 1.0:
             a = torch.floor(a * self.shift) if self.shift < 1.0 else a * self.shift
         return a
@@ -477,25 +486,35 @@ class _Layer(nn.Module):
         """Lava's PyLifResetModelBitAcc over ``steps`` steps from rest; a: [T, N, *] synaptic input or None."""
         ref = a if a is not None else drive
         state_shape = ref.shape[1:]
-        device = ref.device
-        u = torch.zeros(state_shape, dtype=torch.float64, device=device)
+        device, dtype = ref.device, ref.dtype
+        keep_u, keep_v = self.keep_u, self.keep_v
+        bias = self.bias
+        # Bounds on |u| and |v| decide which of Lava's range rules can act: u wraps past 2**23 and v
+        # is clipped to +-(2**23 - 1). Decays and resets only shrink the states.
+        a_max = ref.abs().max().item() * 64 if ref.numel() else 0.0
+        b_max = bias.abs().max().item() if bias is not None and bias.numel() else 0.0
+        u_max = a_max * (steps if keep_u == _DECAY_UNITY else 1) if a is not None else 0.0
+        wrap_u = a is not None and (u_max >= _UV_MAX or keep_u not in (0, _DECAY_UNITY) and a_max * steps >= _UV_MAX)
+        if wrap_u:
+            u_max = float(2 * _UV_MAX)
+        clip_v = steps * (u_max + b_max + (a_max if drive is not None else 0.0)) >= _UV_MAX - 1
+        u = torch.zeros(state_shape, dtype=dtype, device=device)
         v = torch.zeros_like(u)
         spikes = torch.empty((steps, *state_shape), dtype=torch.float32, device=device)
         fired = torch.empty(state_shape, dtype=torch.bool, device=device)
-        keep_u, keep_v = self.keep_u, self.keep_v
-        wrap_u = a is not None and (keep_u != 0 or self.may_wrap_input)
-        bias = self.bias
         if a is not None:
             a = a.mul_(64.0)  # hardware left-shifts synaptic input by 6 (MSB alignment)
         for t in range(steps):
-            # u = trunc(u (4096 - iDecay) / 4096): exact in float64, then truncated toward zero
-            if keep_u == 0:
-                u.zero_()
-            elif keep_u != _DECAY_UNITY:
-                u.mul_(keep_u / _DECAY_UNITY).trunc_()
-            if a is not None:
+            # u = trunc(u (4096 - iDecay) / 4096) + a: exact in float64, truncated toward zero
+            if a is None:
+                pass
+            elif keep_u == 0:
+                u = a[t]
+            else:
+                if keep_u != _DECAY_UNITY:
+                    u.mul_(keep_u / _DECAY_UNITY).trunc_()
                 u.add_(a[t])
-            if wrap_u:  # Lava wraps u modulo 2**24 (values above 2**23 only)
+            if wrap_u:  # Lava wraps u (once) when it leaves (-2**23, 2**23]
                 u = torch.where(u > _UV_MAX, u - 2 * _UV_MAX, torch.where(u <= -_UV_MAX, u + 2 * _UV_MAX, u))
             if keep_v == 0:
                 v.copy_(u)
@@ -507,13 +526,14 @@ class _Layer(nn.Module):
                 v.add_(bias)
             if drive is not None:
                 v.add_(drive[t], alpha=64.0)
-            v.clamp_(-(_UV_MAX - 1), _UV_MAX - 1)
+            if clip_v:
+                v.clamp_(-(_UV_MAX - 1), _UV_MAX - 1)
             torch.gt(v, self.v_th, out=fired)
             spikes[t].copy_(fired)
             v.masked_fill_(fired, 0.0)
             if record is not None:  # as Lava's u and v Vars read after the step (v after the reset)
-                record.setdefault("u", []).append(u.clone())
-                record.setdefault("v", []).append(v.clone())
+                record.setdefault("u", []).append(u.to(torch.float64, copy=True))
+                record.setdefault("v", []).append(v.to(torch.float64, copy=True))
         if record is not None:
             record["u"] = torch.stack(record["u"])
             record["v"] = torch.stack(record["v"])
