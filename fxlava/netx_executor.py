@@ -42,16 +42,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxlava.errors import FxlavaError
+from fxlava.target import BIAS_EXP, DECAY_SCALE, MAX_DELAY, V_TH_MANT_BITS, VOLTAGE_BITS, WEIGHT_MANT_BITS
 
 __all__ = ["load_netx", "NetxNetwork", "NetxFileError", "netx_weights", "read_netx"]
 
-_UV_MAX = 1 << 23  # Loihi's u and v are 24-bit signed
-_DECAY_UNITY = 1 << 12
+_UV_MAX = 1 << (VOLTAGE_BITS - 1)  # Loihi's u and v are 24-bit signed
+_DECAY_UNITY = DECAY_SCALE  # 4096 == 1.0
+_ACT_SHIFT = 6  # Lava left-shifts synaptic input (and the threshold) by 6 to MSB-align them with u and v
 _EXACT_F32 = float(1 << 24)
 _NEURON_TYPES = ("CUBA", "LOIHI")
 # netx's default for a dense layer without a neuron group: a non-leaky integrator that never fires
 # (hdf5.py writes `1 << 18 - 1`, which Python reads as 1 << 17).
-_DEFAULT_NEURON = {"type": "CUBA", "iDecay": 0, "vDecay": 4096, "vThMant": 1 << 17}
+_DEFAULT_NEURON = {"type": "CUBA", "iDecay": 0, "vDecay": DECAY_SCALE, "vThMant": 1 << V_TH_MANT_BITS}
 
 
 class NetxFileError(FxlavaError, ValueError):
@@ -65,7 +67,7 @@ class NetxLayer:
     index: int  # its /layer/<index> group
     kind: str  # 'input', 'conv' or 'dense'
     shape: tuple  # output shape, lava-dl order: (C, H, W) or (features,)
-    i_decay: int = 4096
+    i_decay: int = DECAY_SCALE
     v_decay: int = 0
     v_th_mant: int = 0
     bias: Optional[np.ndarray] = None  # bias mantissa per neuron (lava-dl order), exponent 6
@@ -189,9 +191,10 @@ def netx_weights(weight: np.ndarray) -> tuple[np.ndarray, int]:
     # shifted weights (determine_sign_mode), which can differ from netx's (all weights <= 0)
     sign_mode = 2 if weight.min() >= 0 else 3 if weight.max() <= 0 else 1
     mixed = int(sign_mode == 1)
+    bits = WEIGHT_MANT_BITS
     w = -weight if sign_mode == 3 else weight.copy()
-    w = np.clip(w, -(2 ** 8) * mixed, 2 ** 8 - 1)
-    drop = 8 - num_weight_bits + mixed
+    w = np.clip(w, -(2 ** bits) * mixed, 2 ** bits - 1)
+    drop = bits - num_weight_bits + mixed
     w = (w >> drop) << drop
     if sign_mode == 3:
         w = -w
@@ -215,8 +218,8 @@ def _neuron(reader: _Reader, group, where: str, required: bool) -> dict:
     params = {"type": kind}
     for key in ("iDecay", "vDecay", "vThMant"):
         params[key] = reader.integer(neuron, key, nwhere)
-    if not 0 <= params["iDecay"] <= 4096 or not 0 <= params["vDecay"] <= 4096:
-        raise reader.fail(nwhere, f"decays must lie in [0, 4096]; found iDecay={params['iDecay']}, vDecay={params['vDecay']}")
+    if not 0 <= params["iDecay"] <= DECAY_SCALE or not 0 <= params["vDecay"] <= DECAY_SCALE:
+        raise reader.fail(nwhere, f"decays must lie in [0, {DECAY_SCALE}]; found iDecay={params['iDecay']}, vDecay={params['vDecay']}")
     if params["vThMant"] < 0:
         raise reader.fail(f"{nwhere}/vThMant", f"negative threshold {params['vThMant']}")
     return params
@@ -381,9 +384,9 @@ def _dense(reader, group, where, index, current, flatten_next) -> NetxLayer:
 
 
 def _delays(reader, where, delay, wshape) -> np.ndarray:
-    """netx's create_dense: clip to [0, 62], expand per output (axonal) or per input, astype(int)."""
-    if delay.max() > 62:
-        delay = np.clip(delay, 0, 62)
+    """netx's create_dense: clip to [0, MAX_DELAY], expand per output (axonal) or per input, astype(int)."""
+    if delay.max() > MAX_DELAY:
+        delay = np.clip(delay, 0, MAX_DELAY)
     if delay.ndim == 0 or delay.size == 1:
         full = np.full(wshape, float(delay.reshape(-1)[0]))
     elif delay.ndim == 1 and delay.size == wshape[0]:
@@ -418,9 +421,9 @@ class _Layer(nn.Module):
         self.shape = tuple(spec.shape)
         self.keep_u = _DECAY_UNITY - spec.i_decay
         self.keep_v = _DECAY_UNITY - spec.v_decay
-        self.v_th = float(spec.v_th_mant << 6)
+        self.v_th = float(spec.v_th_mant << _ACT_SHIFT)
         bias = spec.bias if spec.bias is not None else None
-        self.register_buffer("bias", None if bias is None else torch.from_numpy(np.asarray(bias) * 64.0), persistent=False)
+        self.register_buffer("bias", None if bias is None else torch.from_numpy(np.asarray(bias) * float(1 << BIAS_EXP)), persistent=False)
         self.delays: list[int] = []
         self.exact_f32 = True
         self.may_wrap = self.may_wrap_input = False
@@ -446,8 +449,8 @@ class _Layer(nn.Module):
         self.shift = float(2.0 ** spec.weight_exp)
         self.may_wrap = bound >= _UV_MAX
         # the current can leave 24 bits (and wrap) only if a single step's input can reach 2**23 / 64
-        self.may_wrap_input = bound * 64 >= _UV_MAX
-        b_max = float(np.abs(spec.bias).max()) * 64 if spec.bias is not None and spec.bias.size else 0.0
+        self.may_wrap_input = bound * (1 << _ACT_SHIFT) >= _UV_MAX
+        b_max = float(np.abs(spec.bias).max()) * (1 << BIAS_EXP) if spec.bias is not None and spec.bias.size else 0.0
         if (self.keep_u in (0, _DECAY_UNITY) and self.keep_v in (0, _DECAY_UNITY) and not self.may_wrap_input
                 and self.exact_f32 and b_max < _UV_MAX):
             self.state_dtype = torch.float32
@@ -491,7 +494,7 @@ class _Layer(nn.Module):
         bias = self.bias
         # Bounds on |u| and |v| decide which of Lava's range rules can act: u wraps past 2**23 and v
         # is clipped to +-(2**23 - 1). Decays and resets only shrink the states.
-        a_max = ref.abs().max().item() * 64 if ref.numel() else 0.0
+        a_max = ref.abs().max().item() * (1 << _ACT_SHIFT) if ref.numel() else 0.0
         b_max = bias.abs().max().item() if bias is not None and bias.numel() else 0.0
         u_max = a_max * (steps if keep_u == _DECAY_UNITY else 1) if a is not None else 0.0
         wrap_u = a is not None and (u_max >= _UV_MAX or keep_u not in (0, _DECAY_UNITY) and a_max * steps >= _UV_MAX)
@@ -503,7 +506,7 @@ class _Layer(nn.Module):
         spikes = torch.empty((steps, *state_shape), dtype=torch.float32, device=device)
         fired = torch.empty(state_shape, dtype=torch.bool, device=device)
         if a is not None:
-            a = a.mul_(64.0)  # hardware left-shifts synaptic input by 6 (MSB alignment)
+            a = a.mul_(float(1 << _ACT_SHIFT))  # hardware left-shifts synaptic input (MSB alignment)
         for t in range(steps):
             # u = trunc(u (4096 - iDecay) / 4096) + a: exact in float64, truncated toward zero
             if a is None:
@@ -525,7 +528,7 @@ class _Layer(nn.Module):
             if bias is not None:
                 v.add_(bias)
             if drive is not None:
-                v.add_(drive[t], alpha=64.0)
+                v.add_(drive[t], alpha=float(1 << BIAS_EXP))
             if clip_v:
                 v.clamp_(-(_UV_MAX - 1), _UV_MAX - 1)
             torch.gt(v, self.v_th, out=fired)

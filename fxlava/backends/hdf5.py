@@ -106,7 +106,7 @@ def weight_mantissas(weight) -> np.ndarray:
     """The 8-bit weight mantissas netx reads (``quantize_weight(w) * 64``), as int8 when they fit, else int16."""
     import torch
 
-    from fxlava.rules import WEIGHT_MAX, WEIGHT_MIN, WEIGHT_SCALE, WEIGHT_STEP
+    from fxlava.target import WEIGHT_MAX, WEIGHT_MIN, WEIGHT_SCALE, WEIGHT_STEP
 
     # round(w / step) clamped to the grid is fxlava.rules.quantize_weight in units of the step; those
     # "halves" always fit an int8. Done in chunks that stay in cache: for VGG-11's 133 M weights the
