@@ -324,3 +324,20 @@ def test_overflowing_sums_currents_and_voltages_equal_lava(tmp_path):
     assert net.layers[0].may_wrap and trace[0]["u"].abs().max() >= 2 ** 22  # the wrapping paths ran
     assert trace[0]["s"].sum() > 0 and got.sum() > 0
     assert torch.equal(got, fxlava.run_lava(path, x))
+
+
+def test_lava_mnist_reports_the_netx_files_accuracy_through_the_executor(tmp_path):
+    """The example's evaluation of the exported file on held-out digits (here 60 of them, trained demo weights)."""
+    from fxlava.examples.lava_mnist import netx_check
+    from fxlava.examples.mnist_csnn import MNISTNet
+    from fxlava.examples.mnist_data import load_mnist
+
+    model = MNISTNet(channels=16)
+    model.load_state_dict(torch.load(os.path.join(os.path.dirname(fxlava.__file__), "examples",
+                                                  "mnist_csnn_trained.pt"), weights_only=True))
+    data = load_mnist()
+    net = fxlava.compile(model, spikes((8, 2, 1, 28, 28), seed=0))
+    path = net.export_hdf5(tmp_path / "net_la.net")
+    r = netx_check(net.lava_dl, path, data.test_x[:60], data.test_y[:60], T=8, seed=1, batch=25)
+    assert r["samples"] == 60 and r["same_spikes"] and r["output_spikes"] > 0
+    assert r["acc_netx"] == r["acc_lava_dl"] and r["acc_netx"] > 0.8
