@@ -19,6 +19,7 @@ from fxlava.layout import NXT_to_TNX, TNX_to_NXT  # noqa: E402
 from fxlava.options import CompileOptions  # noqa: E402
 from fxlava.pass_manager import CompileContext, Pass, PassResult, Pipeline  # noqa: E402
 from fxlava.compiler import CompiledNetwork, compile  # noqa: E402
+from fxlava.netx_executor import NetxFileError, NetxNetwork, load_netx  # noqa: E402
 
 
 def default_pipeline() -> Pipeline:
@@ -43,7 +44,8 @@ def run_lava(path, x, **kwargs):
 
 
 __all__ = [
-    "compile", "CompiledNetwork", "CompileOptions", "default_pipeline", "run_graph", "run_lava", "TNX_to_NXT", "NXT_to_TNX",
+    "compile", "CompiledNetwork", "CompileOptions", "default_pipeline", "run_graph", "run_lava", "load_netx",
+    "NetxNetwork", "NetxFileError", "TNX_to_NXT", "NXT_to_TNX",
     "Pipeline", "Pass", "PassResult", "CompileContext",
     "FxlavaError", "UnsupportedModelError", "PassError", "LavaRunError", "Issue",
 ]

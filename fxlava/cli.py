@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", type=int, nargs="?", const=3, default=0, metavar="K",
                    help="run the written file in Lava's CPU simulator on K random spike inputs (default 3) and "
                         "compare every spike with lava-dl; exits 1 on any mismatch")
+    p.add_argument("--verify-data", metavar="FILE",
+                   help="a dataset of spike inputs, .npy or .pt, [N, *, T] in lava-dl layout (batch first, time "
+                        "last): run all of them through the written file with fxlava.load_netx (Lava's fixed-point "
+                        "arithmetic, batched) and compare with lava-dl, and K of them (--verify K, default 3) in "
+                        "Lava itself; exits 1 on any mismatch")
+    p.add_argument("--batch", type=int, default=256, help="batch size of --verify-data (default 256)")
     p.add_argument("--pass", dest="user_pass", help="FILE.py:fn or module:fn, a pass to insert (with --after/--before)")
     p.add_argument("--after", help="insert --pass after this pass")
     p.add_argument("--before", help="insert --pass before this pass")
@@ -153,6 +159,8 @@ def run(args) -> int:
               + ", ".join(net.readout.ops))
     net.export_hdf5(args.output)
     print(f"\nwrote {args.output}")
+    if args.verify_data:
+        return verify_data(net, args.output, args.verify_data, lava_samples=args.verify or 3, batch=args.batch)
     if args.verify:
         xs = (torch.rand(shape[0], args.verify, *shape[2:], generator=g) < args.rate).float()
         xin = fxlava.TNX_to_NXT(xs)
@@ -167,6 +175,70 @@ def run(args) -> int:
             print("verify: MISMATCH between Lava and lava-dl", file=sys.stderr)
             return 1
     return 0
+
+
+def load_spikes(path: str) -> torch.Tensor:
+    """A dataset of spikes from a .npy or .pt file (a tensor or array)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"fxlava-compile: no such file: {path}")
+    if path.endswith(".npy"):
+        import numpy as np
+
+        data = torch.from_numpy(np.load(path, allow_pickle=False))
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    if not torch.is_tensor(data):
+        raise SystemExit(f"fxlava-compile: {path} holds a {type(data).__name__}; expected one tensor or array of spikes")
+    return data.float()
+
+
+def verify_data(net: fxlava.CompiledNetwork, netx_path: str, data_path: str, *, lava_samples: int = 3,
+                batch: int = 256) -> int:
+    """Run a whole dataset through netx file ``netx_path`` with the executor, ``lava_samples`` of it in Lava; compare with lava-dl."""
+    import time
+
+    from tqdm import tqdm
+
+    x = load_spikes(data_path)
+    expected = tuple(net.input_shape)
+    if x.dim() < 3 or tuple(x.shape[1:-1]) != expected:
+        hint = ""
+        if x.dim() >= 3 and tuple(x.shape[2:]) == expected:
+            hint = " (it looks like SpikingJelly's [T, N, *]: permute it with fxlava.TNX_to_NXT)"
+        raise SystemExit(f"fxlava-compile: {data_path} has shape {tuple(x.shape)}; expected [N, {', '.join(map(str, expected))}, T] "
+                         f"in lava-dl layout{hint}")
+    if batch < 1:
+        raise SystemExit("fxlava-compile: --batch must be >= 1")
+    executor = fxlava.load_netx(netx_path)
+    lava_dl = net.lava_dl
+    n = x.shape[0]
+    same_samples = equal = total = spikes = 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for start in tqdm(range(0, n, batch), desc="netx", unit="batch"):
+            xb = x[start:start + batch]
+            same = executor(xb) == lava_dl(xb)
+            same_samples += int(same.flatten(1).all(1).sum())
+            equal += int(same.sum())
+            total += same.numel()
+    seconds = time.perf_counter() - t0
+    print(f"verify-data: {same_samples}/{n} samples of {data_path} equal to lava-dl on every output spike through "
+          f"the netx file (fxlava.load_netx, {seconds:.1f} s); {equal}/{total} spikes agree")
+    status = 0 if same_samples == n else 1
+    k = min(lava_samples, n)
+    if k > 0:
+        xs = x[:k]
+        with torch.no_grad():
+            ladl = lava_dl(xs)
+        got = fxlava.run_lava(netx_path, xs, progress=True)
+        same = got == ladl
+        lava_same = int(same.flatten(1).all(1).sum())
+        print(f"verify-data: {lava_same}/{k} of them in Lava equal to lava-dl on every output spike; "
+              f"{int(same.sum())}/{same.numel()} spikes agree")
+        status = status or (0 if lava_same == k else 1)
+    if status:
+        print("verify-data: MISMATCH between the netx file and lava-dl", file=sys.stderr)
+    return status
 
 
 def main(argv=None) -> int:

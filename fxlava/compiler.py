@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxlava import frontend
-from fxlava.backends.lava_dl import blocks_of, to_lava_dl
+from fxlava.backends.lava_dl import blocks_of, blocks_with_shapes, to_lava_dl
 from fxlava.blocks import SynapseBlock
 from fxlava.errors import UnsupportedModelError, in_model_order
 from fxlava.options import CompileOptions
@@ -123,11 +123,14 @@ class CompiledNetwork(nn.Module):
             self._lava_dl_cache.update(key=key, net=to_lava_dl(self.graph_module, self.input_shape))
         return self._lava_dl_cache["net"]
 
-    def export_hdf5(self, path: Union[str, os.PathLike]) -> str:
-        """Write the netx file (with an input layer) atomically; returns the path."""
-        from fxlava.backends.hdf5 import write_netx
+    def export_hdf5(self, path: Union[str, os.PathLike], compress: bool = False) -> str:
+        """Write the netx file (with an input layer) atomically from the compiled graph; returns the path.
 
-        write_netx(self.lava_dl, path, self.input_shape)
+        ``compress=True`` stores the weights gzip-compressed; netx reads both alike.
+        """
+        from fxlava.backends.hdf5 import write_compiled
+
+        write_compiled(blocks_with_shapes(self.graph_module), path, self.input_shape, compress=compress)
         return os.fspath(path)
 
 

@@ -75,10 +75,10 @@ _STOP_GRACE_S = 3.0
 _WATCH_INTERVAL_S = 0.2
 
 
-def lava_latency(path: str | os.PathLike) -> int:
+def lava_latency(path: str | os.PathLike, num_layers: int | None = None) -> int:
     """Steps by which Lava's output lags lava-dl's (``delay_shift=False``) for this netx file."""
     path = _checked_file(path)
-    net = _load_network(path)
+    net = _load_network(path, num_layers=num_layers)
     try:
         _check_runnable(net, path)
         return len(net.layers)
@@ -104,9 +104,10 @@ def time_budget(path: str | os.PathLike, samples: int, steps: int) -> float:
 
 
 def run_lava(path: str | os.PathLike, x: ArrayLike, *, progress: bool = False, samples_per_load: int = 32,
-             timeout: Optional[float] = None) -> torch.Tensor:
+             timeout: Optional[float] = None, num_layers: int | None = None) -> torch.Tensor:
     """Run netx file ``path`` in Lava (fixed_pt) on binary spikes ``x`` [N, *, T]; return output spikes [N, *, T].
 
+    ``num_layers`` builds only the file's first layers, as netx's ``Network(num_layers=...)``.
     ``timeout`` (seconds) defaults to ``time_budget(path, N, T)``. Raises ``LavaRunError`` naming the file
     (and the netx layer) when netx cannot load it, a Lava process dies, or the run overruns.
     """
@@ -127,21 +128,26 @@ def run_lava(path: str | os.PathLike, x: ArrayLike, *, progress: bool = False, s
     if not budget > 0:
         raise ValueError(f"timeout must be positive seconds, got {timeout}")
     out = _in_own_process_group(path, budget, f"{n} samples of {steps} steps",
-                                lambda report: _run_here(path, spikes, progress, samples_per_load, report))
+                                lambda report: _run_here(path, spikes, progress, samples_per_load, report, num_layers))
     return torch.from_numpy(out)
 
 
 def _run_here(path: str, spikes: np.ndarray, progress: bool, samples_per_load: int,
-              report: Callable[[BaseException], None]) -> np.ndarray:
+              report: Callable[[BaseException], None], num_layers: Optional[int] = None) -> np.ndarray:
     """The Lava run itself, in this process; ``report`` hands a worker's death to the parent at once."""
     n, steps = spikes.shape[0], spikes.shape[-1]
     # netx starts a layer's reset offset at reset_offset + 1 (Lava counts steps from 1) and adds 1
     # per layer. Layer k (1-based) first sees sample s at step s*T + 1 + k: the source sends input
     # step 0 at Lava step 1 and each synapse holds it back one step. reset_offset=1 matches that.
-    net = _load_network(path, reset_interval=steps, reset_offset=1)
+    net = _load_network(path, reset_interval=steps, reset_offset=1, num_layers=num_layers)
     watchdog, restore = None, None
     try:
         _check_runnable(net, path)
+        if n > 1 and _has_delays(net):
+            # A delayed synapse keeps activations in flight past a sample's last step; the reset
+            # of the neurons does not clear them, so samples cannot share one network.
+            return np.concatenate([_run_here(path, spikes[i:i + 1], False, 1, report, num_layers)
+                                   for i in tqdm(range(n), disable=not progress, unit="sample", desc="Lava")])
         latency = len(net.layers)
         lava_in = _to_lava_layout(spikes, tuple(net.inp.shape), path)
         lava_out_shape = tuple(net.out.shape)
@@ -183,11 +189,7 @@ def _run_here(path: str, spikes: np.ndarray, progress: bool, samples_per_load: i
             restore()
         if watchdog is not None:
             watchdog.stop()  # workers exit on stop(): that is no death
-        # Lava forks worker processes; stop() ends them even when compiling or running failed.
-        try:
-            net.stop()
-        finally:
-            _close(net)
+        _stop(net)
 
     stream = np.concatenate(stream, axis=-1)
     out = np.stack([stream[..., s * steps + latency: (s + 1) * steps + latency] for s in range(n)])
@@ -476,8 +478,20 @@ def _netx_layer_in_traceback(tb) -> Optional[int]:
     return layer
 
 
-def _check_runnable(net, path) -> None:
+def _stop(net) -> None:
+    # Lava forks worker processes; stop() ends them even when compiling or running failed (it does
+    # nothing for a network that never ran).
+    try:
+        net.stop()
+    finally:
+        _close(net)
 
+
+def _has_delays(net) -> bool:
+    return any(isinstance(layer.synapse, netx_blocks.DelayDenseSynapse) for layer in net.layers)
+
+
+def _check_runnable(net, path) -> None:
     # Only what was verified bit-exact against lava-dl is accepted; anything else would need its own
     # latency and reset rules.
     for index, layer in enumerate(net.layers):
@@ -493,10 +507,9 @@ def _check_runnable(net, path) -> None:
         if type(layer.neuron) not in (LIF, LIFReset):
             raise ValueError(f"{where} has {type(layer.neuron).__name__} neurons; run_lava supports CUBA neurons only")
         synapse = layer.synapse
-        if isinstance(synapse, netx_blocks.DelayDenseSynapse) or not isinstance(
-            synapse, (netx_blocks.DenseSynapse, netx_blocks.ConvSynapse)
-        ):
-            raise ValueError(f"{where} has a {type(layer.synapse).__name__} synapse; axonal delays are not supported")
+        if not isinstance(synapse, (netx_blocks.DenseSynapse, netx_blocks.ConvSynapse, netx_blocks.DelayDenseSynapse)):
+            raise ValueError(f"{where} has a {type(layer.synapse).__name__} synapse; run_lava supports Conv, Dense "
+                             f"and DelayDense synapses only")
 
 
 def _to_lava_layout(spikes: np.ndarray, port_shape: tuple[int, ...], path) -> np.ndarray:

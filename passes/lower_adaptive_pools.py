@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from fxlava.errors import issue_at
 from fxlava.pass_manager import CompileContext, PassResult
-from fxlava.rewrite import module_nodes, path_of, set_module
+from fxlava.rewrite import bypass, module_nodes, path_of, set_module
 
 PASS = "lower_adaptive_pools"
 ADAPTIVE = {nn.AdaptiveAvgPool2d: nn.AvgPool2d, nn.AdaptiveMaxPool2d: nn.MaxPool2d}
@@ -53,6 +53,12 @@ def lower_adaptive_pools(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     ctx.refuse(issues)
     for node, pool in plans:
         old = type(gm.get_submodule(node.target)).__name__
+        if pool.kernel_size == (1, 1):
+            # 1x1 windows (VGG's AdaptiveAvgPool2d((7, 7)) on a 7x7 map): the identity; merging it
+            # into the next synapse would only copy its weights, slowly for a large linear layer
+            bypass(gm, node)
+            ctx.record(PASS, f"{path_of(node)}: {old} over 1x1 windows is the identity, removed")
+            continue
         set_module(gm, node.target, pool)
         ctx.record(PASS, f"{path_of(node)}: {old} -> {type(pool).__name__}(kernel_size={pool.kernel_size})")
     gm.recompile()

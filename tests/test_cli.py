@@ -115,3 +115,26 @@ def test_an_untrained_model_whose_dense_layer_rounds_to_zero_is_refused_with_the
     assert "netx /layer/3" in r.stderr and "weights are all zero" in r.stderr
     assert not (tmp_path / "first.net").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-written file
+
+
+@pytest.mark.lava
+def test_verify_data_runs_a_dataset_through_the_executor_and_some_in_lava(model_dir):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.save(model_dir / "data.npy", (rng.random((40, 1, 8, 8, 8)) < 0.3).astype(np.float32))  # [N, C, H, W, T]
+    r = _run("usermodel.py:Net", "--input-shape", "8,2,1,8,8", "-o", "out.net", "--verify-data", "data.npy",
+             "--verify", "2", "--batch", "16", cwd=model_dir)
+    assert r.returncode == 0, r.stderr
+    assert "verify-data: 40/40 samples of data.npy equal to lava-dl on every output spike" in r.stdout
+    assert "verify-data: 2/2 of them in Lava equal to lava-dl" in r.stdout
+
+
+def test_verify_data_in_spikingjelly_layout_is_refused_with_a_hint(model_dir):
+    import numpy as np
+
+    np.save(model_dir / "data.npy", np.zeros((8, 5, 1, 8, 8), dtype=np.float32))  # [T, N, C, H, W]
+    r = _run("usermodel.py:Net", "--input-shape", "8,2,1,8,8", "-o", "out.net", "--verify-data", "data.npy",
+             cwd=model_dir)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "expected [N, 1, 8, 8, T]" in r.stderr and "fxlava.TNX_to_NXT" in r.stderr

@@ -1,7 +1,12 @@
-"""Write lava-dl slayer blocks as a netx hdf5 file that ``lava.lib.dl.netx.hdf5.Network`` loads as is.
+"""Write a compiled network as a netx hdf5 file that ``lava.lib.dl.netx.hdf5.Network`` loads as is.
 
-The layers themselves are written by each block's own ``export_hdf5``, so the file holds exactly
-what lava-dl would write; this module adds what lava-dl leaves out:
+``write_compiled`` writes fxlava's own blocks straight from the compiled IR: the layout is the one
+lava-dl's ``export_hdf5`` produces and netx reads (``lava/lib/dl/netx/hdf5.py``), but the shapes
+come from the graph (no slayer forward pass) and the weights are stored as the integer mantissas
+netx reads, in the smallest integer type that holds them (int8, or int16 for a layer with a
+mantissa of -256 or below -128). netx casts every weight with ``astype(int)`` before anything
+else touches it, so the integer type changes nothing it computes. ``write_netx`` writes lava-dl
+slayer blocks with their own ``export_hdf5`` (float32 weights). Both add what lava-dl leaves out:
 
 - ``/layer/0`` is an ``input`` layer holding only ``type`` and ``shape``. netx reads its shape
   (reversed, so (C, H, W) becomes Lava's (W, H, C)) as the input shape of the first conv layer
@@ -10,7 +15,8 @@ what lava-dl would write; this module adds what lava-dl leaves out:
   (it expects the input as neuron bias).
 - Blocks netx cannot load, or would load wrongly, are refused with a ``ValueError`` instead of
   producing a file that fails (or silently differs) later in Lava.
-- The file is written atomically and byte-for-byte deterministically.
+- The file is written atomically and byte-for-byte deterministically; ``compress=True`` stores
+  the weights gzip-compressed (h5py, and so netx, read them transparently).
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import numpy as np
 from fxlava.target import NETX_LAYER_TYPES, NETX_NEURON_TYPES
 from fxlava.target import NETX_NOT_IMPLEMENTED as _NETX_NOT_IMPLEMENTED
 
-__all__ = ["write_netx", "NETX_LAYER_TYPES", "NETX_NEURON_TYPES"]
+__all__ = ["write_compiled", "write_netx", "weight_mantissas", "NETX_LAYER_TYPES", "NETX_NEURON_TYPES"]
 
 # Deterministic output: with the v0 superblock and v1 object headers ("earliest", h5py's default,
 # pinned here so a global setting cannot change it) groups carry no modification time, and h5py
@@ -43,6 +49,124 @@ def write_netx(blocks: Iterable, path: str | os.PathLike, input_shape: Sequence[
     for index, block in enumerate(blocks):
         _check_exportable(index, block)
 
+    def fill(f):
+        layers = f.create_group("layer", track_order=False)
+        _write_input_layer(layers.create_group("0", track_order=False), shape)
+        current = shape
+        for index, block in enumerate(blocks):
+            group = layers.create_group(str(index + 1), track_order=False)
+            block.export_hdf5(group)
+            current = _check_layer(index, block, group, current)
+        if _layer_type(len(blocks) - 1, blocks[-1], layers[str(len(blocks))]) == "flatten":
+            raise ValueError(
+                f"{_describe(len(blocks) - 1, blocks[-1])}: the network ends in a flatten layer, which netx "
+                f"ignores (it only applies flatten to the dense layer that follows); drop it"
+            )
+
+    _atomic_write(path, fill)
+
+
+def write_compiled(layers: Iterable[tuple], path: str | os.PathLike, input_shape: Sequence[int],
+                   compress: bool = False) -> None:
+    """Write fxlava blocks, given as (block, output shape) pairs from the compiled graph, to a netx file, atomically."""
+    from fxlava.blocks import FlattenBlock, SynapseBlock
+
+    layers = [(block, tuple(int(n) for n in out_shape)) for block, out_shape in layers]
+    shape = _checked_input_shape(input_shape)
+    if not layers:
+        raise ValueError("write_compiled needs at least one block: netx cannot build a network without layers")
+    for index, (block, _) in enumerate(layers):
+        if not isinstance(block, (SynapseBlock, FlattenBlock)):
+            raise ValueError(f"{_describe(index, block)} is not an fxlava block (SynapseBlock or FlattenBlock)")
+    if isinstance(layers[-1][0], FlattenBlock):
+        raise ValueError(f"{_describe(len(layers) - 1, layers[-1][0])}: the network ends in a flatten layer, which "
+                         f"netx ignores (it only applies flatten to the dense layer that follows); drop it")
+    # gzip is deterministic; shuffle groups the bytes of wider integers, which compresses better
+    packed = {"compression": "gzip", "compression_opts": 4, "shuffle": True} if compress else {}
+
+    def fill(f):
+        groups = f.create_group("layer", track_order=False)
+        _write_input_layer(groups.create_group("0", track_order=False), shape)
+        current = shape
+        for index, (block, out_shape) in enumerate(layers):
+            group = groups.create_group(str(index + 1), track_order=False)
+            if isinstance(block, FlattenBlock):
+                group.create_dataset("type", (1,), "S10", [b"flatten"])
+                # slayer's Flatten writes (features, 1, 1); netx reads only the type
+                group.create_dataset("shape", data=np.array([math.prod(current), 1, 1], dtype=np.int64))
+                current = (math.prod(current),)
+                continue
+            _write_synapse_block(index, block, group, current, out_shape, packed)
+            current = out_shape
+
+    _atomic_write(path, fill)
+
+
+def weight_mantissas(weight) -> np.ndarray:
+    """The 8-bit weight mantissas netx reads (``quantize_weight(w) * 64``), as int8 when they fit, else int16."""
+    import torch
+
+    from fxlava.target import WEIGHT_MAX, WEIGHT_MIN, WEIGHT_SCALE, WEIGHT_STEP
+
+    # round(w / step) clamped to the grid is fxlava.rules.quantize_weight in units of the step; those
+    # "halves" always fit an int8. Done in chunks that stay in cache: for VGG-11's 133 M weights the
+    # whole-tensor version spent most of the export streaming temporaries through memory.
+    flat = weight.detach().reshape(-1)
+    halves = torch.empty(flat.numel(), dtype=torch.int8)
+    chunk = 1 << 18
+    buf = torch.empty(min(chunk, flat.numel()), dtype=torch.float32)
+    lo, hi = WEIGHT_MIN / WEIGHT_STEP, WEIGHT_MAX / WEIGHT_STEP
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start:start + chunk]
+        b = buf[: part.numel()]
+        torch.mul(part, 1 / WEIGHT_STEP, out=b).round_().clamp_(lo, hi)
+        halves[start:start + part.numel()].copy_(b)
+    halves = halves.reshape(weight.shape)
+    factor = int(WEIGHT_STEP * WEIGHT_SCALE)  # mantissas are multiples of 2
+    least, most = (int(v) for v in halves.aminmax()) if halves.numel() else (0, 0)
+    if least * factor >= -128 and most * factor <= 127:
+        return halves.mul_(factor).numpy()
+    return (halves.to(torch.int16) * factor).numpy()
+
+
+def _write_synapse_block(index, block, group, current, out_shape, packed) -> None:
+    import torch.nn as nn
+
+    where = _describe(index, block)
+    syn, neuron = block.synapse, block.neuron
+    if isinstance(syn, nn.Conv2d):
+        if len(current) != 3 or current[0] != syn.in_channels:
+            raise ValueError(f"{where} is a conv layer with {syn.in_channels} input channels but receives shape {current}")
+        group.create_dataset("type", (1,), "S10", [b"conv"])
+        group.create_dataset("shape", data=np.array(out_shape, dtype=np.int64))
+        group.create_dataset("inChannels", data=syn.in_channels)
+        group.create_dataset("outChannels", data=syn.out_channels)
+        group.create_dataset("kernelSize", data=np.array(syn.kernel_size, dtype=np.int64))
+        group.create_dataset("stride", data=np.array(syn.stride, dtype=np.int64))
+        group.create_dataset("padding", data=np.array(syn.padding, dtype=np.int64))
+        group.create_dataset("dilation", data=np.array(syn.dilation, dtype=np.int64))
+        group.create_dataset("groups", data=syn.groups)
+    else:
+        if len(current) != 1 or current[0] != syn.in_features:
+            raise ValueError(f"{where} is a dense layer with {syn.in_features} inputs but receives shape {current}")
+        group.create_dataset("type", (1,), "S10", [b"dense"])
+        group.create_dataset("shape", data=np.array(out_shape, dtype=np.int64))
+        group.create_dataset("inFeatures", data=syn.in_features)
+        group.create_dataset("outFeatures", data=syn.out_features)
+    weights = weight_mantissas(syn.weight)
+    group.create_dataset("weight", data=weights, **(packed if weights.size > 1 else {}))
+    if not isinstance(syn, nn.Conv2d):
+        _refuse_all_zero_dense(where, weights)
+    mant = block.bias_mantissa
+    if mant is not None:
+        # netx reads a layer's bias as the neurons' 13-bit bias mantissa (exponent 6)
+        group.create_dataset("bias", data=mant.cpu().numpy().astype(np.int16).reshape(-1))
+    for key, value in neuron.device_params.items():
+        group.create_dataset(f"neuron/{key}", data=value)
+
+
+def _atomic_write(path, fill) -> None:
+    """Run ``fill(h5py.File)`` on a temporary file next to ``path`` and rename it over ``path`` only if it succeeds."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     # Same directory as `path`, so os.replace is an atomic rename on one filesystem; the leading
@@ -52,18 +176,7 @@ def write_netx(blocks: Iterable, path: str | os.PathLike, input_shape: Sequence[
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         with h5py.File(tmp, "w", **_FILE_OPTIONS) as f:
-            layers = f.create_group("layer", track_order=False)
-            _write_input_layer(layers.create_group("0", track_order=False), shape)
-            current = shape
-            for index, block in enumerate(blocks):
-                group = layers.create_group(str(index + 1), track_order=False)
-                block.export_hdf5(group)
-                current = _check_layer(index, block, group, current)
-            if _layer_type(len(blocks) - 1, blocks[-1], layers[str(len(blocks))]) == "flatten":
-                raise ValueError(
-                    f"{_describe(len(blocks) - 1, blocks[-1])}: the network ends in a flatten layer, which netx "
-                    f"ignores (it only applies flatten to the dense layer that follows); drop it"
-                )
+            fill(f)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -157,13 +270,18 @@ def _check_layer(index: int, block, group: h5py.Group, current: tuple[int, ...])
             raise ValueError(f"{where} is a dense layer but receives shape {current}; put a Flatten block before it")
         if current[0] != in_features:
             raise ValueError(f"{where} is a dense layer with {in_features} inputs but receives {current[0]}")
-        if "weight" in group and not np.any(group["weight"][()]):
-            # netx's optimize_weight_bits scales by 255 / max(weight): OverflowError at load time
-            raise ValueError(
-                f"{where} is a dense layer whose {group['weight'].size} weights are all zero after 8-bit "
-                f"quantisation (steps of 2/64); netx cannot load such a layer, and it would pass nothing. "
-                f"Train the network, or scale its weights and thresholds up, so that some weights survive")
+        if "weight" in group:
+            _refuse_all_zero_dense(where, group["weight"][()])
     return tuple(int(n) for n in group["shape"][()])
+
+
+def _refuse_all_zero_dense(where: str, weights: np.ndarray) -> None:
+    """netx's optimize_weight_bits scales a dense layer by 255 / max|weight|: an all-zero one fails at load time."""
+    if not np.any(weights):
+        raise ValueError(
+            f"{where} is a dense layer whose {np.size(weights)} weights are all zero after 8-bit "
+            f"quantisation (steps of 2/64); netx cannot load such a layer, and it would pass nothing. "
+            f"Train the network, or scale its weights and thresholds up, so that some weights survive")
 
 
 def _fsync_directory(directory: str) -> None:
