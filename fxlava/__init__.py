@@ -3,7 +3,7 @@ from fxlava import compat as _compat
 
 _compat.install()  # before anything imports lava (see fxlava/compat.py)
 
-from fxlava.errors import FxlavaError, Issue, PassError, UnsupportedModelError  # noqa: E402
+from fxlava.errors import FxlavaError, Issue, PassError, QuantizationWarning, UnsupportedModelError  # noqa: E402
 from fxlava.layout import NXT_to_TNX, TNX_to_NXT  # noqa: E402
 from fxlava.options import CompileOptions  # noqa: E402
 from fxlava.pass_manager import CompileContext, Pass, PassResult, Pipeline  # noqa: E402
@@ -34,6 +34,6 @@ def run_lava(path, x, **kwargs):
 __all__ = [
     "compile", "CompiledNetwork", "CompileOptions", "default_pipeline", "run_graph", "run_lava", "TNX_to_NXT", "NXT_to_TNX",
     "Pipeline", "Pass", "PassResult", "CompileContext",
-    "FxlavaError", "UnsupportedModelError", "PassError", "Issue",
+    "FxlavaError", "UnsupportedModelError", "PassError", "QuantizationWarning", "Issue",
 ]
 __version__ = "0.1.0"

@@ -34,10 +34,20 @@ class SynapseBlock(nn.Module):
         # 'conv', 'dense', 'sumpool' or 'maxpool' (grouped convs with a ones kernel); for tables and the backends
         self.kind = kind or ("conv" if isinstance(synapse, nn.Conv2d) else "dense")
         self.source = tuple(dict.fromkeys(source))  # the user's module paths this block was made from
+        # Co-scaling factor (fxlava.passes.coscale_layers): Loihi gets the weights times ``scale``
+        # and a neuron whose threshold was multiplied by it too. ``synapse.weight`` stays in the
+        # model's units, so it is what training updates and what goes back into the model.
+        self.scale = 1.0
+
+    @property
+    def scaled_weight(self) -> torch.Tensor:
+        """The weights Loihi's mantissas are made from: ``synapse.weight * scale``, before rounding."""
+        return self.synapse.weight if self.scale == 1.0 else self.synapse.weight * self.scale
 
     @property
     def quantized_weight(self) -> torch.Tensor:
-        return quantize_weight(self.synapse.weight)
+        """The weights Loihi runs: ``scaled_weight`` on the 8-bit grid."""
+        return quantize_weight(self.scaled_weight)
 
     def synaptic_input(self, x: torch.Tensor) -> torch.Tensor:
         """The synapse applied at every time step: [N, *, T] -> [N, *, T]."""
@@ -55,7 +65,8 @@ class SynapseBlock(nn.Module):
         return self.neuron(self.synaptic_input(x))
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, source={list(self.source)}"
+        scale = f", scale={self.scale:g}" if self.scale != 1.0 else ""
+        return f"kind={self.kind}, source={list(self.source)}{scale}"
 
 
 class FlattenBlock(nn.Module):

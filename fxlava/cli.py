@@ -54,13 +54,14 @@ def load_model(spec: str, weights: str | None) -> nn.Module:
 
 
 def layer_table(net: fxlava.CompiledNetwork) -> str:
-    """One row per netx layer: type, shape, neurons, synapses, neuron parameters, quantisation of weights."""
-    rows = [("#", "layer", "output", "neurons", "synapses", "threshold (vThMant)", "iDecay", "vDecay",
-             "weights float -> quantised", "clipped", "to zero")]
-    rows.append(("0", "input", "x".join(map(str, net.input_shape)), "", "", "", "", "", "", "", ""))
+    """One row per netx layer: type, shape, neurons, synapses, neuron parameters, co-scaling and quantisation."""
+    has_bias = any(getattr(getattr(b, "synapse", None), "bias", None) is not None for b in net.blocks)
+    head = ("#", "layer", "output", "neurons", "synapses", "threshold (vThMant)", "iDecay", "vDecay", "scale",
+            "weights x scale -> quantised", "clipped", "to zero") + (("bias x scale",) if has_bias else ())
+    rows = [head, ("0", "input", "x".join(map(str, net.input_shape))) + ("",) * (len(head) - 3)]
     for i, (block, slayer_block) in enumerate(zip(net.blocks, net.lava_dl), start=1):
         if isinstance(block, SynapseBlock):
-            w = block.synapse.weight.detach()
+            w = block.scaled_weight.detach()
             q = quantize_weight(w).detach()
             shape = tuple(slayer_block.neuron.shape)
             n = int(torch.tensor(shape).prod())
@@ -68,15 +69,20 @@ def layer_table(net: fxlava.CompiledNetwork) -> str:
             clipped = int(((w < WEIGHT_MIN) | (w > WEIGHT_MAX)).sum())
             zeroed = int(((q == 0) & (w != 0)).sum())
             nr = block.neuron
-            rows.append((str(i), block.kind, "x".join(map(str, shape)), str(n), str(w.numel()),
-                         f"{nr.threshold:g} ({nr.v_th_mant})", f"{nr.current_decay:g} ({nr.i_decay})",
-                         f"{nr.voltage_decay:g} ({nr.v_decay})", rng, str(clipped), str(zeroed)))
+            row = (str(i), block.kind, "x".join(map(str, shape)), str(n), str(w.numel()),
+                   f"{nr.threshold:g} ({nr.v_th_mant})", f"{nr.current_decay:g} ({nr.i_decay})",
+                   f"{nr.voltage_decay:g} ({nr.v_decay})", f"{block.scale:.4g}", rng, str(clipped),
+                   f"{zeroed} ({zeroed / w.numel():.0%})")
+            if has_bias:
+                bias = block.synapse.bias
+                row += (f"[{bias.min() * block.scale:.3f}, {bias.max() * block.scale:.3f}]" if bias is not None else "",)
+            rows.append(row)
         else:
             shape = tuple(slayer_block.shape)
             if block.kind == "flatten":  # slayer keeps it as (features, 1, 1)
                 shape = (int(torch.tensor(shape).prod()),)
-            rows.append((str(i), block.kind, "x".join(map(str, shape)), "", "", "", "", "", "", "", ""))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+            rows.append((str(i), block.kind, "x".join(map(str, shape))) + ("",) * (len(head) - 3))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
 

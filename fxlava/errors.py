@@ -6,7 +6,8 @@ from typing import Iterable, Optional
 
 import torch.fx as fx
 
-__all__ = ["Issue", "FxlavaError", "UnsupportedModelError", "PassError", "issue_at", "model_order", "in_model_order"]
+__all__ = ["Issue", "FxlavaError", "UnsupportedModelError", "PassError", "QuantizationWarning", "issue_at",
+           "model_order", "in_model_order"]
 
 
 @dataclass(frozen=True)
@@ -112,3 +113,7 @@ class PassError(FxlavaError):
         super().__init__(
             f"pass '{pass_name}' failed (passes run before it: {before}): {type(cause).__name__}: {cause}"
         )
+
+
+class QuantizationWarning(UserWarning):
+    """Loihi's fixed-point formats lose much of a layer (e.g. many weights round to zero); it still compiles."""

@@ -79,7 +79,7 @@ def test_decay_input_lif_equals_sj_float_model():
     net = fxlava.compile(model, x)
     _assert_equal_and_informative(net(x), _strict_reference(model, x))
     for b, w in zip([b for b in net.blocks if b.kind == "dense"], weights):
-        assert torch.equal(b.quantized_weight, w / tau)  # on the grid: quantisation changed nothing
+        assert torch.equal(b.quantized_weight, w / tau * b.scale)  # on the grid: quantisation changed nothing
     # the user's weights are untouched
     assert all(torch.equal(m.weight, w) for m, w in zip([m for m in model.modules() if isinstance(m, nn.Linear)],
                                                            weights))

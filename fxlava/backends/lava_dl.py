@@ -31,11 +31,11 @@ def _slayer_block(block: nn.Module):
                                      stride=syn.stride, padding=syn.padding, dilation=syn.dilation,
                                      groups=syn.groups, delay_shift=False)
         with torch.no_grad():
-            out.synapse.weight.copy_(syn.weight.detach().unsqueeze(-1))
+            out.synapse.weight.copy_(block.scaled_weight.detach().unsqueeze(-1))
     else:
         out = slayer.block.cuba.Dense(params, syn.in_features, syn.out_features, delay_shift=False)
         with torch.no_grad():
-            out.synapse.weight.copy_(syn.weight.detach()[:, :, None, None, None])
+            out.synapse.weight.copy_(block.scaled_weight.detach()[:, :, None, None, None])
     return out
 
 
