@@ -40,6 +40,11 @@ class SynapseBlock(nn.Module):
         self.scale = 1.0
 
     @property
+    def layer(self) -> str:
+        """The layer's name: the user's module paths it was made from, synapse -> neuron."""
+        return " -> ".join(self.source)
+
+    @property
     def scaled_weight(self) -> torch.Tensor:
         """The weights Loihi's mantissas are made from: ``synapse.weight * scale``, before rounding."""
         return self.synapse.weight if self.scale == 1.0 else self.synapse.weight * self.scale

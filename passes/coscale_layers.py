@@ -107,7 +107,7 @@ class _Plan:
 
 
 def _layer_name(block: SynapseBlock, node: fx.Node) -> str:
-    return " -> ".join(block.source) or node.name
+    return block.layer or node.name
 
 
 def _bias(block: SynapseBlock) -> Optional[torch.Tensor]:
@@ -150,8 +150,8 @@ def _ties_exact(node: fx.Node, neuron: CubaNeuron, integer_input: bool) -> bool:
             and neuron.i_decay == P_SCALE and neuron.v_decay in (0, P_SCALE))
 
 
-def _choose(w, b, threshold, neuron, x_max, steps) -> tuple[float, str, Optional[int]]:
-    """(scale, what bounded it, 64 * scale * threshold when the rounding made it a whole number)."""
+def _choose(w, b, threshold, neuron, x_max, steps) -> tuple[float, str]:
+    """(scale, what bounded it)."""
     limits = {}
     w_hi, w_lo = float(w.max()), float(w.min())
     limits["weights"] = min(WEIGHT_MAX / w_hi if w_hi > 0 else math.inf, WEIGHT_MIN / w_lo if w_lo < 0 else math.inf)
@@ -165,20 +165,34 @@ def _choose(w, b, threshold, neuron, x_max, steps) -> tuple[float, str, Optional
     limit = min(limits, key=limits.get)
     scale = limits[limit]
     if not math.isfinite(scale):
-        return 1.0, "no weights", None
+        return 1.0, "no weights"
     if scale < 1.0 and limits["weights"] >= 1.0:
-        return 1.0, f"{limit} (not scaled down)", None  # only clipping is worth a coarser grid
+        return 1.0, f"{limit} (not scaled down)"  # only clipping is worth a coarser grid
     on_grid = bool(torch.equal(quantize_weight(w), w)) and (b is None or bool(torch.equal((b * W_SCALE).round(), b * W_SCALE)))
     if on_grid and scale >= 1.0:
-        return float(math.floor(scale)), f"{limit}, integer: weights already on the grid", None
+        return float(math.floor(scale)), f"{limit}, integer: weights already on the grid"
     whole = math.floor(W_SCALE * threshold * scale)
     if whole >= 1:
-        return whole / (W_SCALE * threshold), limit, whole
-    return scale, limit, None
+        return whole / (W_SCALE * threshold), limit
+    return scale, limit
+
+
+def _threshold_units(scale: float, threshold: float) -> Fraction:
+    """64 * scale * threshold, exactly; a whole number when the scale was chosen to make it one."""
+    exact = Fraction(scale) * Fraction(threshold) * W_SCALE
+    whole = round(exact)
+    return Fraction(whole) if abs(exact - whole) < Fraction(1, 1 << 30) else exact
+
+
+def _option(ctx: CompileContext):
+    """True, False, or the factors to use, {layer: scale} (``net.scales`` of an earlier compile)."""
+    return ctx.options.get(OPTION, True)  # checked by fxlava.options.CompileOptions
 
 
 def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Issue]]:
-    enabled = ctx.options.get(OPTION, True)  # checked by fxlava.options.CompileOptions
+    option = _option(ctx)
+    enabled = option is not False
+    pinned = dict(option) if isinstance(option, dict) else None
     x = ctx.example_input
     steps = int(x.shape[0])
     first = True
@@ -194,17 +208,24 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
         neuron = block.neuron
         w, b = block.synapse.weight.detach().double(), _bias(block)
         threshold = neuron.requested["threshold"]
-        whole = None
+        name = _layer_name(block, node)
+        if pinned is not None and name not in pinned:
+            raise ValueError(f"{OPTION}: no scale given for layer {name!r}; layers: {_layer_names(gm)}")
+        given = None if pinned is None else float(pinned.pop(name))
         if not enabled:
             scale, limit = 1.0, f"off ({OPTION}=False)"
         elif not block.synapse.weight.requires_grad or block.kind in ("sumpool", "maxpool"):
             scale, limit = 1.0, "fixed pooling weights, exact as they are"
         elif not node.meta.get("fxlava_fires_at_threshold", False):
             scale, limit = 1.0, "fixed-point neuron, kept bit for bit"
+        elif given is not None:
+            scale, limit = given, "given"
         else:
-            scale, limit, whole = _choose(w, b, threshold, neuron, x_max, steps)
+            scale, limit = _choose(w, b, threshold, neuron, x_max, steps)
+        if given is not None and given != scale:
+            raise ValueError(f"{OPTION}: layer {name!r} cannot be scaled ({limit}); give it 1.0")
         ties = enabled and _ties_exact(node, neuron, integer_input)
-        exact = Fraction(whole) if whole is not None else Fraction(scale) * Fraction(threshold) * W_SCALE
+        exact = _threshold_units(scale, threshold)
         if ties and exact > 0:
             mant = math.ceil(exact) - 1
         elif enabled:
@@ -212,7 +233,6 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
         else:
             mant, ties = neuron.v_th_mant, False
         ties = ties and exact > 0
-        name = _layer_name(block, node)
         new = None
         if mant != neuron.v_th_mant or scale != 1.0:
             try:
@@ -247,7 +267,14 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
                 f"raise its weights against its threshold and retrain"
                 + ("" if enabled else f", or compile with {OPTION}=True"), module=block), path=name))
         plans.append(_Plan(node, block, scale, new, report))
+    if pinned:
+        raise ValueError(f"{OPTION}: scales given for layers this model does not have: {sorted(pinned)}; "
+                         f"layers: {_layer_names(gm)}")
     return plans, issues
+
+
+def _layer_names(gm: fx.GraphModule) -> list[str]:
+    return [_layer_name(module_of(gm, n), n) for n in gm.graph.nodes if isinstance(module_of(gm, n), SynapseBlock)]
 
 
 def coscale_layers(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:

@@ -159,6 +159,29 @@ def test_option_off_compiles_as_before():
         fxlava.compile(model, x, coscale="no")
 
 
+def test_given_scales_reproduce_a_compile():
+    model = _if_net()
+    g = torch.Generator().manual_seed(15)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3)
+    x = _spikes(8, 8, 3, 4, 4, seed=16)
+    net = fxlava.compile(model, x)
+    assert list(net.scales) == ["1 -> 2", "3 -> 4"] and all(s > 1 for s in net.scales.values())
+    with torch.no_grad():  # trained further: a fresh compile would choose other factors
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(1.5)
+    again = fxlava.compile(model, x, coscale=net.scales)
+    assert again.scales == net.scales
+    mants = lambda n: [b.neuron.v_th_mant for b in n.blocks if isinstance(b, SynapseBlock)]  # noqa: E731
+    assert mants(again) == mants(net)
+    assert fxlava.compile(model, x).scales != net.scales
+    with pytest.raises(fxlava.PassError, match=r"no scale given for layer '3 -> 4'"):
+        fxlava.compile(model, x, coscale={"1 -> 2": 2.0})
+
+
 def test_pooling_and_fixed_point_layers_keep_scale_one():
     from spikingjelly.activation_based import lava_exchange
 
