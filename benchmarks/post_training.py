@@ -79,7 +79,9 @@ def plif_mnistnet(seed: int, example):
             layers[i] = plain
     model.conv_fc = nn.Sequential(*layers)
     functional.set_step_mode(model, "m")
-    init_firing(model, seed=seed)
+    # Without BatchNorm the default weights leave it silent; PLIF's decay_input halves the drive, so
+    # gain 4 (measured on 64 training digits, T 8: 10, 11, 18, 17 % per layer; gain 2: 5, 2, 0.2, 0 %)
+    init_firing(model, gain=4.0, seed=seed)
     return model, ("SJ parametric_lif_net.MNISTNet (PLIF) without bias and BatchNorm: this fxlava refuses "
                    "biases (bias=\"current\" not available)")
 
@@ -167,11 +169,11 @@ def floors(rows) -> list[str]:
         for route, r in routes.items():
             if not route.startswith("fxlava"):
                 continue
-            acc_ok = r["acc"] >= flt["acc"] - 0.005
+            acc_ok = abs(r["acc"] - flt["acc"]) <= 0.005
             agree_ok = r["agreement"] >= ref["agreement"] - 0.02
             exact = r["graph_equal"] and r.get("lava_equal", True)
             out.append(f"{name} / {route}: lava-dl acc {r['acc']:.4f} vs float {flt['acc']:.4f} "
-                       f"({'ok' if acc_ok else 'BELOW'} the 0.5-point floor); agreement {r['agreement']:.4f} vs "
+                       f"({'within' if acc_ok else 'OUTSIDE'} 0.5 points); agreement {r['agreement']:.4f} vs "
                        f"reference {ref['agreement']:.4f} ({'ok' if agree_ok else 'BELOW'} reference - 0.02); "
                        f"graph == lava-dl{' == Lava' if 'lava_equal' in r else ''}: {exact}")
     return out
