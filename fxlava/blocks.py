@@ -50,6 +50,12 @@ class SynapseBlock(nn.Module):
         return self.synapse.weight if self.scale == 1.0 else self.synapse.weight * self.scale
 
     @property
+    def scaled_bias(self):
+        """The synapse's bias times ``scale`` (None without a bias): what a bias current must be made from."""
+        bias = getattr(self.synapse, "bias", None)
+        return bias if bias is None or self.scale == 1.0 else bias * self.scale
+
+    @property
     def quantized_weight(self) -> torch.Tensor:
         """The weights Loihi runs: ``scaled_weight`` on the 8-bit grid."""
         return quantize_weight(self.scaled_weight)

@@ -74,8 +74,8 @@ def layer_table(net: fxlava.CompiledNetwork) -> str:
                    f"{nr.voltage_decay:g} ({nr.v_decay})", f"{block.scale:.4g}", rng, str(clipped),
                    f"{zeroed} ({zeroed / w.numel():.0%})")
             if has_bias:
-                bias = block.synapse.bias
-                row += (f"[{bias.min() * block.scale:.3f}, {bias.max() * block.scale:.3f}]" if bias is not None else "",)
+                bias = block.scaled_bias
+                row += (f"[{bias.min():.3f}, {bias.max():.3f}]" if bias is not None else "",)
             rows.append(row)
         else:
             shape = tuple(slayer_block.shape)

@@ -111,6 +111,7 @@ def _layer_name(block: SynapseBlock, node: fx.Node) -> str:
 
 
 def _bias(block: SynapseBlock) -> Optional[torch.Tensor]:
+    """The synapse's bias in the model's units (its current is ``block.scaled_bias``), or None."""
     b = getattr(block.synapse, "bias", None)
     return None if b is None else b.detach().double()
 
