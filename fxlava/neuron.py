@@ -48,9 +48,6 @@ S_SCALE = STATE_SCALE
 P_SCALE = DECAY_SCALE
 #: slayer's threshold_eps, ``0.01 / s_scale``: turns its '>=' into Loihi's '>'.
 THRESHOLD_EPS = 0.01 / S_SCALE
-#: The largest vThMant at which slayer still fires strictly above the threshold, as Loihi does:
-#: from 4096 (threshold 64) up its 0.01 / 4096 epsilon is lost to float32 and it fires at ties.
-V_TH_MANT_TIE_EXACT = (1 << 12) - 1
 
 
 def _quantised_decay(decay: float) -> int:

@@ -58,10 +58,11 @@ import torch.fx as fx
 
 from fxlava.blocks import SynapseBlock
 from fxlava.errors import Issue, QuantizationWarning, issue_at
-from fxlava.neuron import P_SCALE, S_SCALE, V_TH_MANT_TIE_EXACT, W_SCALE, CubaNeuron
+from fxlava.neuron import P_SCALE, S_SCALE, W_SCALE, CubaNeuron
 from fxlava.pass_manager import CompileContext, PassResult
 from fxlava.rewrite import module_of
-from fxlava.target import BIAS_MANT_MAX, VOLTAGE_MAX, WEIGHT_MAX, WEIGHT_MIN, quantize_weight
+from fxlava.target import (BIAS_MANT_MAX, V_TH_MANT_TIE_EXACT, VOLTAGE_MAX, WEIGHT_MAX, WEIGHT_MIN,
+                           quantize_weight)
 
 PASS = "coscale_layers"
 OPTION = "coscale"  # fxlava.compile(..., coscale=False) keeps every factor at 1
