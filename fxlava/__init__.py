@@ -14,7 +14,7 @@ def _drop_triton_notice(record) -> bool:
 
 _logging.getLogger("torch._library.triton").addFilter(_drop_triton_notice)
 
-from fxlava.errors import FxlavaError, Issue, LavaRunError, PassError, UnsupportedModelError  # noqa: E402
+from fxlava.errors import FxlavaError, Issue, LavaRunError, PassError, QuantizationWarning, UnsupportedModelError  # noqa: E402
 from fxlava.layout import NXT_to_TNX, TNX_to_NXT  # noqa: E402
 from fxlava.options import CompileOptions  # noqa: E402
 from fxlava.pass_manager import CompileContext, Pass, PassResult, Pipeline  # noqa: E402
@@ -47,6 +47,6 @@ __all__ = [
     "compile", "CompiledNetwork", "CompileOptions", "default_pipeline", "run_graph", "run_lava", "load_netx",
     "NetxNetwork", "NetxFileError", "TNX_to_NXT", "NXT_to_TNX",
     "Pipeline", "Pass", "PassResult", "CompileContext",
-    "FxlavaError", "UnsupportedModelError", "PassError", "LavaRunError", "Issue",
+    "FxlavaError", "UnsupportedModelError", "PassError", "LavaRunError", "QuantizationWarning", "Issue",
 ]
 __version__ = "0.1.0"

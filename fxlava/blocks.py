@@ -50,10 +50,31 @@ class SynapseBlock(nn.Module):
         # 'conv', 'dense', 'sumpool' or 'maxpool' (grouped convs with a ones kernel); for tables and the backends
         self.kind = kind or ("conv" if isinstance(synapse, nn.Conv2d) else "dense")
         self.source = tuple(dict.fromkeys(source))  # the user's module paths this block was made from
+        # Co-scaling factor (fxlava.passes.coscale_layers): Loihi gets the weights times ``scale``
+        # and a neuron whose threshold was multiplied by it too. ``synapse.weight`` stays in the
+        # model's units, so it is what training updates and what goes back into the model.
+        self.scale = 1.0
+
+    @property
+    def layer(self) -> str:
+        """The layer's name: the user's module paths it was made from, synapse -> neuron."""
+        return " -> ".join(self.source)
+
+    @property
+    def scaled_weight(self) -> torch.Tensor:
+        """The weights Loihi's mantissas are made from: ``synapse.weight * scale``, before rounding."""
+        return self.synapse.weight if self.scale == 1.0 else self.synapse.weight * self.scale
+
+    @property
+    def scaled_bias(self):
+        """The synapse's bias times ``scale`` (None without a bias): what a bias current must be made from."""
+        bias = getattr(self.synapse, "bias", None)
+        return bias if bias is None or self.scale == 1.0 else bias * self.scale
 
     @property
     def quantized_weight(self) -> torch.Tensor:
-        return quantize_weight(self.synapse.weight)
+        """The weights Loihi runs: ``scaled_weight`` on the 8-bit grid."""
+        return quantize_weight(self.scaled_weight)
 
     @property
     def bias(self):
@@ -62,13 +83,13 @@ class SynapseBlock(nn.Module):
 
     @property
     def quantized_bias(self):
-        """The bias Loihi adds (multiples of 1/64, 13-bit mantissa), or None."""
-        return None if self.synapse.bias is None else quantize_bias(self.synapse.bias)
+        """The bias Loihi adds: ``scaled_bias`` in multiples of 1/64 (13-bit mantissa), or None."""
+        return None if self.synapse.bias is None else quantize_bias(self.scaled_bias)
 
     @property
     def bias_mantissa(self):
-        """netx's ``bias`` for this layer (bias_mant, exponent 6), int64 per output channel, or None."""
-        return None if self.synapse.bias is None else bias_mantissa(self.synapse.bias)
+        """netx's ``bias`` for this layer (bias_mant, exponent 6) from ``scaled_bias``, int64 per channel, or None."""
+        return None if self.synapse.bias is None else bias_mantissa(self.scaled_bias)
 
     @property
     def voltage_floor_steps(self):
@@ -115,7 +136,8 @@ class SynapseBlock(nn.Module):
         return self.neuron(y)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, source={list(self.source)}"
+        scale = f", scale={self.scale:g}" if self.scale != 1.0 else ""
+        return f"kind={self.kind}, source={list(self.source)}{scale}"
 
 
 class FlattenBlock(nn.Module):

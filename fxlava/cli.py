@@ -62,13 +62,14 @@ def _bias_range(block: SynapseBlock) -> str:
 
 
 def layer_table(net: fxlava.CompiledNetwork) -> str:
-    """One row per netx layer: type, shape, neurons, synapses, neuron parameters, quantisation of weights and bias."""
-    rows = [("#", "layer", "output", "neurons", "synapses", "threshold (vThMant)", "iDecay", "vDecay",
-             "weights float -> quantised", "clipped", "to zero", "bias quantised (bias_mant)")]
-    rows.append(("0", "input", "x".join(map(str, net.input_shape)), "", "", "", "", "", "", "", "", ""))
+    """One row per netx layer: type, shape, neurons, synapses, neuron parameters, co-scaling, quantisation of weights and bias."""
+    has_bias = any(getattr(b, "bias", None) is not None for b in net.blocks)
+    head = ("#", "layer", "output", "neurons", "synapses", "threshold (vThMant)", "iDecay", "vDecay", "scale",
+            "weights x scale -> quantised", "clipped", "to zero") + (("bias quantised (bias_mant)",) if has_bias else ())
+    rows = [head, ("0", "input", "x".join(map(str, net.input_shape))) + ("",) * (len(head) - 3)]
     for i, (block, slayer_block) in enumerate(zip(net.blocks, net.lava_dl), start=1):
         if isinstance(block, SynapseBlock):
-            w = block.synapse.weight.detach()
+            w = block.scaled_weight.detach()
             q = quantize_weight(w).detach()
             shape = tuple(slayer_block.neuron.shape)
             n = int(torch.tensor(shape).prod())
@@ -76,17 +77,19 @@ def layer_table(net: fxlava.CompiledNetwork) -> str:
             clipped = int(((w < WEIGHT_MIN) | (w > WEIGHT_MAX)).sum())
             zeroed = int(((q == 0) & (w != 0)).sum())
             nr = block.neuron
-            rows.append((str(i), block.kind, "x".join(map(str, shape)), str(n), str(w.numel()),
-                         f"{nr.threshold:g} ({nr.v_th_mant})", f"{nr.current_decay:g} ({nr.i_decay})",
-                         f"{nr.voltage_decay:g} ({nr.v_decay})", rng, str(clipped), str(zeroed), _bias_range(block)))
+            row = (str(i), block.kind, "x".join(map(str, shape)), str(n), str(w.numel()),
+                   f"{nr.threshold:g} ({nr.v_th_mant})", f"{nr.current_decay:g} ({nr.i_decay})",
+                   f"{nr.voltage_decay:g} ({nr.v_decay})", f"{block.scale:.4g}", rng, str(clipped),
+                   f"{zeroed} ({zeroed / w.numel():.0%})")
+            if has_bias:
+                row += (_bias_range(block),)
+            rows.append(row)
         else:
             shape = tuple(slayer_block.shape)
             if block.kind == "flatten":  # slayer keeps it as (features, 1, 1)
                 shape = (int(torch.tensor(shape).prod()),)
-            rows.append((str(i), block.kind, "x".join(map(str, shape)), "", "", "", "", "", "", "", "", ""))
-    if not any(r[-1] for r in rows[1:]):  # no layer has a bias: leave the column out
-        rows = [r[:-1] for r in rows]
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+            rows.append((str(i), block.kind, "x".join(map(str, shape))) + ("",) * (len(head) - 3))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
 

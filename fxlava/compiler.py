@@ -97,6 +97,13 @@ class CompiledNetwork(nn.Module):
         return self.graph_module(x)
 
     @property
+    def scales(self) -> dict[str, float]:
+        """Each layer's co-scaling factor, ``{layer: scale}``; ``compile(..., coscale=net.scales)`` reuses them."""
+        from fxlava.blocks import SynapseBlock
+
+        return {b.layer: b.scale for b in self.blocks if isinstance(b, SynapseBlock)}
+
+    @property
     def blocks(self) -> list[nn.Module]:
         """The fused blocks, in order (one per netx layer after the input layer)."""
         return blocks_of(self.graph_module)

@@ -6,8 +6,8 @@ from typing import Iterable, Optional
 
 import torch.fx as fx
 
-__all__ = ["Issue", "FxlavaError", "UnsupportedModelError", "PassError", "LavaRunError", "issue_at", "model_order",
-           "in_model_order"]
+__all__ = ["Issue", "FxlavaError", "UnsupportedModelError", "PassError", "LavaRunError", "QuantizationWarning",
+           "issue_at", "model_order", "in_model_order"]
 
 
 @dataclass(frozen=True)
@@ -125,3 +125,7 @@ class LavaRunError(FxlavaError):
         self.path = path
         self.layer = layer
         super().__init__(message)
+
+
+class QuantizationWarning(UserWarning):
+    """Loihi's fixed-point formats lose much of a layer (e.g. many weights round to zero); it still compiles."""

@@ -86,6 +86,11 @@ class CubaNeuron(torch.nn.Module):
 
     The constructor's arguments are kept in ``requested``; ``threshold``, ``current_decay``
     and ``voltage_decay`` are the quantised values slayer uses.
+
+    ``coscale`` (default 1) says that this neuron is the model's neuron with its input, voltage
+    and threshold multiplied by that factor (``fxlava.passes.coscale_layers``). It changes no
+    spike; the surrogate is fed ``(v - threshold) / coscale``, the model's own units, so the
+    gradients are the model's.
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class CubaNeuron(torch.nn.Module):
         voltage_decay: float,
         surrogate_function: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         detach_reset: bool = False,
+        coscale: float = 1.0,
     ):
         super().__init__()
         if surrogate_function is None:
@@ -126,8 +132,14 @@ class CubaNeuron(torch.nn.Module):
         self._v_th_mant = v_th_mant
         self._i_decay = _quantised_decay(current_decay)
         self._v_decay = _quantised_decay(voltage_decay)
+        if not float(coscale) > 0.0:
+            raise ValueError(f"coscale={coscale}: a co-scaling factor must be positive")
         self.surrogate_function = surrogate_function
         self.detach_reset = bool(detach_reset)
+        # The model's neuron with its input, voltage and threshold all multiplied by ``coscale``
+        # (see fxlava.passes.coscale_layers): the surrogate still sees v - threshold in the
+        # model's units, so the network trains as the model would.
+        self.coscale = float(coscale)
 
     # Loihi / slayer parameters --------------------------------------------------------
 
@@ -202,7 +214,7 @@ class CubaNeuron(torch.nn.Module):
             f"threshold={self.threshold} (vThMant={self.v_th_mant}), "
             f"current_decay={self.current_decay} (iDecay={self.i_decay}), "
             f"voltage_decay={self.voltage_decay} (vDecay={self.v_decay}), "
-            f"detach_reset={self.detach_reset}"
+            f"detach_reset={self.detach_reset}" + (f", coscale={self.coscale:g}" if self.coscale != 1.0 else "")
         )
 
     # dynamics -------------------------------------------------------------------------
@@ -303,7 +315,7 @@ class _CubaDynamics(torch.autograd.Function):
                 _decay_(v, keep_v, scratch).add_(current)
             # firing_level is the half-integer that turns the surrogate's Heaviside (x >= 0)
             # into slayer's test, i.e. Loihi's strict v > vThMant * 64 for thresholds below 64.
-            level = torch.sub(v, firing_level, out=levels[t]).mul_(1.0 / S_SCALE)
+            level = torch.sub(v, firing_level, out=levels[t]).mul_(1.0 / (S_SCALE * neuron.coscale))
             spikes[t].copy_(surrogate_function(level))
             v.addcmul_(v, spikes[t], value=-1.0)  # hard reset to 0: v - v s, exact for 0/1 spikes
         ctx.save_for_backward(levels, spikes)
@@ -330,14 +342,17 @@ class _CubaDynamics(torch.autograd.Function):
                 ) from err
         surrogate_grad = surrogate_grad.expand_as(levels).contiguous()  # updated in place below
         # dv_after/dv_before of the reset v (1 - s): (1 - s) - v ds/dv unless the spike is
-        # detached; v = level + c / 4096.
+        # detached; with k = coscale, v = k level + c / 4096 and ds/dv = surrogate' / k.
+        k = neuron.coscale
         carry = 1.0 - spikes.to(levels.dtype)
         if not neuron.detach_reset:
             carry.addcmul_(surrogate_grad, levels, value=-1.0)
-            carry.add_(surrogate_grad, alpha=-ctx.firing_level / S_SCALE)
+            carry.add_(surrogate_grad, alpha=-ctx.firing_level / (S_SCALE * k))
         carry.mul_(keep_v)
         # grad wrt the voltage before reset, from the output and from the future (reverse scan).
         grad = surrogate_grad.mul_(grad_spikes.movedim(-1, 0))
+        if k != 1.0:
+            grad.mul_(1.0 / k)
         num_steps = grad.shape[0]
         if keep_v != 0.0:
             for t in range(num_steps - 2, -1, -1):

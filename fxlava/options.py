@@ -10,13 +10,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 __all__ = ["CompileOptions", "add_arguments", "from_arguments"]
 
 
-def _option(default, choices: tuple, help: str):
-    return field(default=default, metadata={"choices": tuple(choices), "help": help})
+def _option(default, choices: tuple, help: str, check=None, flag=None):
+    """A field: ``check(value)`` raises for a bad value; ``flag`` = (name, argparse kwargs) replaces ``--name``."""
+    return field(default=default, metadata={"choices": tuple(choices), "help": help, "check": check, "flag": flag})
+
+
+def _check_coscale(value) -> None:
+    if value is True or value is False:
+        return
+    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0
+                                       for k, v in value.items()):
+        return
+    raise ValueError(f"coscale={value!r}: expected True, False or {{layer: scale}} (net.scales of an earlier compile)")
 
 
 @dataclass(frozen=True)
@@ -31,12 +41,23 @@ class CompileOptions:
         "reject", ("reject", "current"),
         "'reject' refuses conv/linear biases and BatchNorm shifts; 'current' compiles them as Loihi neuron bias "
         "currents (the bias_to_current pass replaces reject_bias)")
+    coscale: Union[bool, dict] = _option(
+        True, (),
+        "multiply each layer's weights, bias and threshold by one factor that fills Loihi's 8-bit weight range "
+        "(coscale_layers); False keeps them as the model has them; {layer: scale} (net.scales) reuses the "
+        "factors of an earlier compile",
+        check=_check_coscale,
+        flag=("--no-coscale", dict(action="store_false",
+                                   help="keep every layer's weights and threshold as the model has them "
+                                        "(no co-scaling; fxlava.passes.coscale_layers)")))
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices and value not in choices:
                 raise ValueError(f"{f.name}={value!r}: expected one of {', '.join(map(repr, choices))}")
+            if f.metadata.get("check"):
+                f.metadata["check"](value)
 
     @classmethod
     def names(cls) -> list[str]:
@@ -60,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--option-name`` flag per compile option, with its choices, default and help."""
     group = parser.add_argument_group("compile options")
     for f in dataclasses.fields(CompileOptions):
+        if f.metadata.get("flag"):
+            name, kwargs = f.metadata["flag"]
+            group.add_argument(name, dest=f.name, default=f.default, **kwargs)
+            continue
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default,
                            choices=f.metadata.get("choices") or None,
                            help=f"{f.metadata.get('help', '')} (default: {f.default})")

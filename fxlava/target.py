@@ -26,6 +26,7 @@ import torch.nn as nn
 __all__ = [
     "WEIGHT_SCALE", "WEIGHT_MANT_BITS", "WEIGHT_MANT_MIN", "WEIGHT_MANT_MAX", "WEIGHT_STEP", "WEIGHT_MIN",
     "WEIGHT_MAX", "DECAY_BITS", "DECAY_SCALE", "STATE_SCALE", "NEURON_SCALE", "V_TH_MANT_BITS", "V_TH_MANT_MAX",
+    "V_TH_MANT_TIE_EXACT",
     "BIAS_MANT_BITS", "BIAS_MANT_MIN", "BIAS_MANT_MAX", "BIAS_EXP", "MAX_DELAY", "VOLTAGE_BITS", "VOLTAGE_MIN",
     "VOLTAGE_MAX", "quantize_weight", "BIAS_STEP", "BIAS_MIN", "BIAS_MAX", "quantize_bias", "bias_mantissa",
     "bias_out_of_range",
@@ -57,6 +58,10 @@ NEURON_SCALE = WEIGHT_SCALE
 #: vThMant is a 17-bit unsigned field.
 V_TH_MANT_BITS = 17
 V_TH_MANT_MAX = (1 << V_TH_MANT_BITS) - 1
+#: The largest vThMant at which lava-dl (slayer) still fires strictly above the threshold, as Loihi
+#: does: from 4096 (threshold 64) up slayer's 0.01 / 4096 epsilon is lost to float32 and it fires at
+#: ties (fxlava.neuron), so lava-dl and Lava differ there.
+V_TH_MANT_TIE_EXACT = (1 << 12) - 1
 
 #: A layer's bias becomes CUBA bias_mant: 13-bit signed, exponent 6 (the weights' scale). Lava adds
 #: bias_mant * 2**6 to the voltage (units of 1/4096) every step: a real bias of bias_mant / 64, in

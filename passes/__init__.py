@@ -6,6 +6,7 @@ Each is written only against fxlava's pass API (``fxlava.pass_manager``, ``fxlav
 from fxlava.pass_manager import Pass, Pipeline
 from fxlava.passes.avgpool_to_sumpool import avgpool_to_sumpool
 from fxlava.passes.bias_to_current import bias_to_current
+from fxlava.passes.coscale_layers import coscale_layers
 from fxlava.passes.fold_batchnorm import fold_batchnorm
 from fxlava.passes.fuse_blocks import fuse_blocks
 from fxlava.passes.insert_layout import insert_layout
@@ -28,6 +29,7 @@ DEFAULT_PASSES = (
     Pass("substitute_neurons", substitute_neurons, substitute_neurons.check),
     Pass("maxpool_to_or", maxpool_to_or, maxpool_to_or.check),
     Pass("fuse_blocks", fuse_blocks),
+    Pass("coscale_layers", coscale_layers),
     Pass("insert_layout", insert_layout),
 )
 

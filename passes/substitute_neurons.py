@@ -318,6 +318,7 @@ def substitute_neurons(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     plans, issues = _plan(gm, ctx)
     ctx.refuse(issues)
     where, changed = ctx.options.decay_input_scale, []
+    _, lava_exchange, _ = _sj()
     for node, mapping in plans:
         m = module_of(gm, node)
         threshold, notes = mapping.threshold, []
@@ -337,6 +338,9 @@ def substitute_neurons(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
                        f"lower the threshold or tau, or compile with {OPTION}='weights'", module=m)
             continue
         set_module(gm, node.target, cuba)
+        # SpikingJelly's float neurons fire at v >= threshold, its fixed-point CubaLIFNode (like Loihi) at
+        # v > threshold; coscale_layers aligns the first kind where it can
+        node.meta["fxlava_fires_at_threshold"] = not isinstance(m, lava_exchange.CubaLIFNode)
         changed.append(path_of(node))
         if mapping.frozen:
             notes.append(mapping.frozen)

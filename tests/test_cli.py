@@ -138,3 +138,34 @@ def test_verify_data_in_spikingjelly_layout_is_refused_with_a_hint(model_dir):
              cwd=model_dir)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "expected [N, 1, 8, 8, T]" in r.stderr and "fxlava.TNX_to_NXT" in r.stderr
+
+
+def _table(stdout):
+    """The layer table's rows as {layer kind: {column: cell}} (columns split on two or more spaces)."""
+    import re
+
+    lines = stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("#  layer"))
+    head = re.split(r"\s{2,}", lines[start].strip())
+    rows = {}
+    for ln in lines[start + 1:]:
+        if not ln.strip():
+            break
+        cells = re.split(r"\s{2,}", ln.strip())
+        if len(cells) == len(head):
+            rows[cells[1]] = dict(zip(head, cells))
+    return rows
+
+
+def test_table_reports_the_scale_and_no_coscale_turns_it_off(model_dir):
+    on = _run("usermodel.py:Net", "--input-shape", "8,2,1,8,8", "-o", "on.net", cwd=model_dir)
+    off = _run("usermodel.py:Net", "--input-shape", "8,2,1,8,8", "-o", "off.net", "--no-coscale", cwd=model_dir)
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    on, off = _table(on.stdout), _table(off.stdout)
+    assert off["conv"]["scale"] == off["dense"]["scale"] == "1"
+    assert off["conv"]["threshold (vThMant)"] == "1 (64)"
+    # grid weights: integer factors, which keep them exact; IF ties: threshold mantissa 64 s - 1
+    for kind in ("conv", "dense"):
+        s = int(on[kind]["scale"])
+        assert s >= 2 and on[kind]["threshold (vThMant)"].endswith(f"({64 * s - 1})")
+        assert on[kind]["clipped"] == "0" and on[kind]["to zero"] == "0 (0%)"

@@ -282,12 +282,13 @@ def test_options_reach_the_pass_and_the_cli_flag_maps_onto_them():
     from fxlava.options import CompileOptions, from_arguments
 
     x = torch.zeros(4, 1, 1, 8, 8)
-    by_weights = fxlava.compile(_lif_mlp(), x)
-    by_threshold = fxlava.compile(_lif_mlp(), x, decay_input_scale="threshold")
+    by_weights = fxlava.compile(_lif_mlp(), x, coscale=False)
+    by_threshold = fxlava.compile(_lif_mlp(), x, decay_input_scale="threshold", coscale=False)
     assert by_weights.blocks[1].neuron.v_th_mant == 64 and by_threshold.blocks[1].neuron.v_th_mant == 128
     args = build_parser().parse_args(["m.py:net", "--decay-input-scale", "threshold"])
     assert from_arguments(args) == CompileOptions(decay_input_scale="threshold")
     assert from_arguments(build_parser().parse_args([])) == CompileOptions()
+    assert from_arguments(build_parser().parse_args(["--no-coscale"])) == CompileOptions(coscale=False)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--decay-input-scale", "bias"])
 

@@ -27,7 +27,7 @@ def test_default_pipeline_is_printable_and_ordered():
     p = fxlava.default_pipeline()
     assert p.names == ["lower_module_subclasses", "remove_identities", "reject_bias", "fold_batchnorm", "resolve_conv_padding",
                        "lower_adaptive_pools", "avgpool_to_sumpool", "substitute_neurons", "maxpool_to_or",
-                       "fuse_blocks", "insert_layout"]
+                       "fuse_blocks", "coscale_layers", "insert_layout"]
     text = str(p)
     assert "7. avgpool_to_sumpool" in text and "1/k^2" in text
 
@@ -46,10 +46,10 @@ def test_custom_pass_halves_thresholds():
                                                    m.surrogate_function, m.detach_reset)
         return fxlava.PassResult(gm, bool(seen))
 
-    base = fxlava.compile(_model(), X)
+    base = fxlava.compile(_model(), X, coscale=False)
     pipeline = fxlava.default_pipeline().insert_after("substitute_neurons", halve_thresholds)
     assert pipeline.names.index("halve_thresholds") == pipeline.names.index("substitute_neurons") + 1
-    net = fxlava.compile(_model(), X, pipeline=pipeline)
+    net = fxlava.compile(_model(), X, pipeline=pipeline, coscale=False)
     assert seen == ["2", "4"]
     thresholds = [b.neuron.v_th_mant for b in net.blocks if isinstance(b, SynapseBlock)]
     assert thresholds == [32, 32]

@@ -99,11 +99,12 @@ def test_trained_weights_reach_lava_dl_export_and_the_user_model(digits, tmp_pat
     ladl = net.lava_dl
     # the slayer copy is derived, not a second set of parameters for an optimiser to find
     assert [id(p) for p in net.parameters()] == [id(p) for p in net.graph_module.parameters()]
-    synapses = [b.synapse for b in net.blocks if hasattr(b, "synapse")]
+    synapses = [b for b in net.blocks if hasattr(b, "synapse")]
     slayer_synapses = [b.synapse for b in ladl if hasattr(b, "synapse")]
     assert len(synapses) == len(slayer_synapses) == 6
     for ours, theirs in zip(synapses, slayer_synapses):
-        assert torch.equal(ours.weight.detach(), theirs.weight.detach().reshape(ours.weight.shape))
+        # Loihi's weights: the trained ones times the layer's co-scaling factor
+        assert torch.equal(ours.scaled_weight.detach(), theirs.weight.detach().reshape(ours.synapse.weight.shape))
     with torch.no_grad():
         trained = ladl(x_nct)
         assert torch.equal(trained, fxlava.TNX_to_NXT(net(x)))
@@ -115,13 +116,13 @@ def test_trained_weights_reach_lava_dl_export_and_the_user_model(digits, tmp_pat
                    if "weight" in f[f"layer/{i}"]]
     assert len(written) == len(synapses)
     for ours, w in zip(synapses, written):
-        q = quantize_weight(ours.weight.detach()) * WEIGHT_SCALE
+        q = quantize_weight(ours.scaled_weight.detach()) * WEIGHT_SCALE
         assert np.array_equal(w.reshape(q.shape), q.numpy())
 
     # the trained weights loaded back into the user's model compile to the same network
     reloaded = MNISTNet(channels=CHANNELS)
     reloaded.load_state_dict(user_state_dict(net, model))
-    again = fxlava.compile(reloaded, x)
+    again = fxlava.compile(reloaded, x, coscale=net.scales)  # the factors chosen before training
     with torch.no_grad():
         assert torch.equal(again.lava_dl(x_nct), trained)
         functional.reset_net(reloaded)

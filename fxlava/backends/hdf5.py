@@ -153,7 +153,7 @@ def _write_synapse_block(index, block, group, current, out_shape, packed) -> Non
         group.create_dataset("shape", data=np.array(out_shape, dtype=np.int64))
         group.create_dataset("inFeatures", data=syn.in_features)
         group.create_dataset("outFeatures", data=syn.out_features)
-    weights = weight_mantissas(syn.weight)
+    weights = weight_mantissas(block.scaled_weight)
     group.create_dataset("weight", data=weights, **(packed if weights.size > 1 else {}))
     if not isinstance(syn, nn.Conv2d):
         _refuse_all_zero_dense(where, weights)

@@ -78,11 +78,11 @@ def _slayer_block(block: nn.Module):
             return slayer.block.cuba.Conv(params, syn.in_channels, syn.out_channels, syn.kernel_size,
                                           stride=syn.stride, padding=syn.padding, dilation=syn.dilation,
                                           groups=syn.groups, delay_shift=False)
-        weight = syn.weight.detach().unsqueeze(-1)
+        weight = block.scaled_weight.detach().unsqueeze(-1)
     else:
         def build():
             return slayer.block.cuba.Dense(params, syn.in_features, syn.out_features, delay_shift=False)
-        weight = syn.weight.detach()[:, :, None, None, None]
+        weight = block.scaled_weight.detach()[:, :, None, None, None]
     # slayer initialises its weights randomly, which for a large network costs more than everything
     # else here; built on the meta device nothing is allocated, and the weights are then set.
     with torch.device("meta"):

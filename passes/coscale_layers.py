@@ -1,0 +1,299 @@
+"""coscale_layers: per layer, one factor on weights, bias and threshold that fills Loihi's 8-bit weights.
+
+Loihi keeps a layer's weights as 8-bit mantissas at scale 64: multiples of 2/64 in
+[-256/64, 254/64]. A trained layer whose largest weight is 0.4 uses a tenth of that range, and
+its small weights round to zero. A CUBA neuron with reset to 0 (IF, LIF, PLIF, CUBA) is linear
+in its input, voltage, bias and threshold together: multiplying the layer's weights, bias and
+threshold by one factor ``s`` changes no spike in real arithmetic, only what rounds. So per
+layer this pass picks the largest ``s`` that Loihi's formats allow:
+
+* weights: ``s * w`` in [-256/64, 254/64] (nothing clipped);
+* threshold: ``s * threshold`` below 64 (vThMant <= 4095): the 17-bit field holds more, but from
+  64 up slayer fires at ties where Loihi does not (``fxlava.neuron``), so lava-dl and Lava would
+  differ;
+* bias: ``round(64 s b)`` within the 13-bit signed mantissa;
+* voltage: the largest voltage the layer can reach in the example input's T steps (every
+  excitatory input spiking each step, or every inhibitory one) within Loihi's 24-bit voltage.
+
+It never scales a layer down except to avoid clipping. ``s`` is then rounded down so that the
+threshold is exact (``64 s threshold`` an integer), or, when the weights (and bias) already sit
+on Loihi's grid, to an integer, which keeps them exact. The weights of ``block.synapse`` stay in
+the model's units (what training updates, and what goes back into the model); ``block.scale``
+holds ``s``, ``block.scaled_weight`` is what Loihi's mantissas are made from, and the neuron is
+a ``CubaNeuron`` with the scaled threshold and ``coscale=s``, so its surrogate gradient is the
+model's. Trained with the compiled graph (quantisation-aware training), the factor stays the
+one chosen at compile time.
+
+Ties. SpikingJelly's float neurons fire at ``v >= threshold``, Loihi at ``v > threshold``. Where
+every voltage a layer can reach lies on Loihi's 1/64 grid the two agree exactly once the
+threshold mantissa is ``ceil(64 s threshold) - 1`` (one step lower when ``64 s threshold`` is a
+whole number): an IF-type neuron (current decay 1, voltage decay 0 or 1: no truncation) fed
+whole numbers (spikes, or an integer network input). The weights and bias are always on that
+grid. Leaky neurons truncate their voltage to 1/4096 each step, so no threshold mantissa gives
+``>=``; Loihi then fires like SpikingJelly with the threshold raised by one voltage step,
+1/4096 in the scaled units (1/(4096 s) in the model's).
+
+Not scaled: pooling layers (the fixed ones weights of a sum pool or an OR layer, already exact),
+``lava_exchange.CubaLIFNode`` layers (already Loihi's fixed-point neuron, kept bit for bit), and
+every layer with ``fxlava.compile(model, x, coscale=False)``, which compiles as without this pass.
+
+Every layer's outcome is recorded: the factor and what bounded it, the threshold mantissa,
+weights clipped, weights rounded to zero (count and share) and the bias range. A layer whose
+quantised weights are all zero, or that can no longer fire (its largest reachable voltage is
+not above its threshold, where the float weights could fire), is refused, naming the layer;
+more than a quarter of its weights rounded to zero is a ``QuantizationWarning``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from fxlava.blocks import SynapseBlock
+from fxlava.errors import Issue, QuantizationWarning, issue_at
+from fxlava.neuron import P_SCALE, S_SCALE, W_SCALE, CubaNeuron
+from fxlava.pass_manager import CompileContext, PassResult
+from fxlava.rewrite import module_of
+from fxlava.target import (BIAS_MANT_MAX, V_TH_MANT_TIE_EXACT, VOLTAGE_MAX, WEIGHT_MAX, WEIGHT_MIN,
+                           quantize_weight)
+
+PASS = "coscale_layers"
+OPTION = "coscale"  # fxlava.compile(..., coscale=False) keeps every factor at 1
+#: More than this share of a layer's weights rounded to zero is a QuantizationWarning.
+ZERO_SHARE_WARNING = 0.25
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerQuantization:
+    """What quantisation does to one layer (``block.quantization``, the layer table, ``net.records``)."""
+
+    layer: str  # the user's module paths, synapse -> neuron
+    scale: float
+    limit: str  # what bounded the scale: weights, threshold, bias, voltage; or why it is 1
+    v_th_mant: int
+    ties_exact: bool  # Loihi's > made SpikingJelly's >= on this layer's grid of voltages
+    weights: int
+    clipped: int
+    zeroed: int  # nonzero weights whose mantissa is 0
+    bias_range: Optional[tuple] = None  # (min, max) of the scaled bias, in the threshold's units
+
+    @property
+    def zero_share(self) -> float:
+        return self.zeroed / self.weights if self.weights else 0.0
+
+    def describe(self) -> str:
+        bias = "" if self.bias_range is None else f", bias [{self.bias_range[0]:.4g}, {self.bias_range[1]:.4g}]"
+        ties = ", ties as SpikingJelly (v >= threshold)" if self.ties_exact else ""
+        return (f"{self.layer}: scale x{self.scale:.6g} ({self.limit}), vThMant {self.v_th_mant}{ties}; "
+                f"weights clipped {self.clipped}, rounded to zero {self.zeroed}/{self.weights} "
+                f"({self.zero_share:.1%}){bias}")
+
+
+@dataclass
+class _Plan:
+    node: fx.Node
+    block: SynapseBlock
+    scale: float
+    neuron: Optional[CubaNeuron]  # the replacement neuron, None to keep it
+    report: LayerQuantization
+
+
+def _layer_name(block: SynapseBlock, node: fx.Node) -> str:
+    return block.layer or node.name
+
+
+def _bias(block: SynapseBlock) -> Optional[torch.Tensor]:
+    """The synapse's bias in the model's units (its current is ``block.scaled_bias``), or None."""
+    b = getattr(block.synapse, "bias", None)
+    return None if b is None else b.detach().double()
+
+
+def _gain(decay: float, steps: int) -> float:
+    """How many steps of a constant input a state with this decay can add up within ``steps``."""
+    return float(steps) if decay == 0.0 else min(float(steps), 1.0 / decay)
+
+
+def _per_step(w: torch.Tensor, b: Optional[torch.Tensor], x_max: float, sign: int) -> torch.Tensor:
+    """Per neuron (output channel), the largest input of one sign a step can bring."""
+    s = (sign * w.reshape(w.shape[0], -1)).clamp(min=0).sum(1) * x_max
+    return s if b is None else s + (sign * b).clamp(min=0)
+
+
+def _voltage_bound(w, b, threshold, neuron: CubaNeuron, x_max, steps) -> float:
+    """Largest |voltage| within ``steps`` steps: above, the threshold plus a step's current; below, all inhibition."""
+    gu, gv = _gain(neuron.current_decay, steps), _gain(neuron.voltage_decay, steps)
+    up = threshold + float(_per_step(w, b, x_max, 1).max()) * gu
+    down = float(_per_step(w, b, x_max, -1).max()) * gu * gv
+    return max(up, down)
+
+
+def _can_fire(w, b, threshold_mant: int, neuron: CubaNeuron, x_max) -> bool:
+    """Whether some neuron can get above its threshold, given all the time it needs."""
+    reach = float(_per_step(w, b, x_max, 1).max())
+    if reach <= 0.0:
+        return False
+    for decay in (neuron.current_decay, neuron.voltage_decay):
+        reach = math.inf if decay == 0.0 else reach / decay
+    return reach > threshold_mant / W_SCALE
+
+
+def _ties_exact(node: fx.Node, neuron: CubaNeuron, integer_input: bool) -> bool:
+    """SpikingJelly's >= can be Loihi's > here: a float SJ neuron whose voltages stay on the 1/64 grid."""
+    return (bool(node.meta.get("fxlava_fires_at_threshold")) and integer_input
+            and neuron.i_decay == P_SCALE and neuron.v_decay in (0, P_SCALE))
+
+
+def _choose(w, b, threshold, neuron, x_max, steps) -> tuple[float, str]:
+    """(scale, what bounded it)."""
+    limits = {}
+    w_hi, w_lo = float(w.max()), float(w.min())
+    limits["weights"] = min(WEIGHT_MAX / w_hi if w_hi > 0 else math.inf, WEIGHT_MIN / w_lo if w_lo < 0 else math.inf)
+    if threshold > 0:
+        limits["threshold"] = V_TH_MANT_TIE_EXACT / (W_SCALE * threshold)
+    if b is not None and float(b.abs().max()) > 0:
+        limits["bias"] = BIAS_MANT_MAX / (W_SCALE * float(b.abs().max()))
+    bound = _voltage_bound(w, b, threshold, neuron, x_max, steps)
+    if bound > 0:
+        limits["voltage"] = VOLTAGE_MAX / S_SCALE / bound  # states in units of 1/4096
+    limit = min(limits, key=limits.get)
+    scale = limits[limit]
+    if not math.isfinite(scale):
+        return 1.0, "no weights"
+    if scale < 1.0 and limits["weights"] >= 1.0:
+        return 1.0, f"{limit} (not scaled down)"  # only clipping is worth a coarser grid
+    on_grid = bool(torch.equal(quantize_weight(w), w)) and (b is None or bool(torch.equal((b * W_SCALE).round(), b * W_SCALE)))
+    if on_grid and scale >= 1.0:
+        return float(math.floor(scale)), f"{limit}, integer: weights already on the grid"
+    whole = math.floor(W_SCALE * threshold * scale)
+    if whole >= 1:
+        return whole / (W_SCALE * threshold), limit
+    return scale, limit
+
+
+def _threshold_units(scale: float, threshold: float) -> Fraction:
+    """64 * scale * threshold, exactly; a whole number when the scale was chosen to make it one."""
+    exact = Fraction(scale) * Fraction(threshold) * W_SCALE
+    whole = round(exact)
+    return Fraction(whole) if abs(exact - whole) < Fraction(1, 1 << 30) else exact
+
+
+def _option(ctx: CompileContext):
+    """True, False, or the factors to use, {layer: scale} (``net.scales`` of an earlier compile)."""
+    return ctx.options.get(OPTION, True)  # checked by fxlava.options.CompileOptions
+
+
+def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Issue]]:
+    option = _option(ctx)
+    enabled = option is not False
+    pinned = dict(option) if isinstance(option, dict) else None
+    x = ctx.example_input
+    steps = int(x.shape[0])
+    first = True
+    plans, issues = [], []
+    for node in gm.graph.nodes:
+        block = module_of(gm, node)
+        if not isinstance(block, SynapseBlock):
+            continue
+        # the first layer reads the network input, every other one spikes
+        x_max = float(x.abs().max()) if first else 1.0
+        integer_input = bool(torch.equal(x, x.round())) if first else True
+        first = False
+        neuron = block.neuron
+        w, b = block.synapse.weight.detach().double(), _bias(block)
+        threshold = neuron.requested["threshold"]
+        name = _layer_name(block, node)
+        if pinned is not None and name not in pinned:
+            raise ValueError(f"{OPTION}: no scale given for layer {name!r}; layers: {_layer_names(gm)}")
+        given = None if pinned is None else float(pinned.pop(name))
+        if not enabled:
+            scale, limit = 1.0, f"off ({OPTION}=False)"
+        elif not block.synapse.weight.requires_grad or block.kind in ("sumpool", "maxpool"):
+            scale, limit = 1.0, "fixed pooling weights, exact as they are"
+        elif not node.meta.get("fxlava_fires_at_threshold", False):
+            scale, limit = 1.0, "fixed-point neuron, kept bit for bit"
+        elif given is not None:
+            scale, limit = given, "given"
+        else:
+            scale, limit = _choose(w, b, threshold, neuron, x_max, steps)
+        if given is not None and given != scale:
+            raise ValueError(f"{OPTION}: layer {name!r} cannot be scaled ({limit}); give it 1.0")
+        ties = enabled and _ties_exact(node, neuron, integer_input)
+        exact = _threshold_units(scale, threshold)
+        if ties and exact > 0:
+            mant = math.ceil(exact) - 1
+        elif enabled:
+            mant = math.floor(exact)
+        else:
+            mant, ties = neuron.v_th_mant, False
+        ties = ties and exact > 0
+        new = None
+        if mant != neuron.v_th_mant or scale != 1.0:
+            try:
+                new = CubaNeuron(mant / W_SCALE, neuron.current_decay, neuron.voltage_decay,
+                                 surrogate_function=neuron.surrogate_function, detach_reset=neuron.detach_reset,
+                                 coscale=scale * neuron.coscale)
+            except ValueError as exc:
+                issues.append(dataclasses.replace(issue_at(node, f"a threshold Loihi cannot hold after co-scaling ({exc})",
+                                                           f"lower the threshold, or compile with {OPTION}=False",
+                                                           module=block), path=name))
+                continue
+        ws = w * scale
+        q = quantize_weight(ws)
+        zeroed = int(((q == 0) & (w != 0)).sum())
+        report = LayerQuantization(
+            layer=name, scale=scale, limit=limit, v_th_mant=mant, ties_exact=ties, weights=w.numel(),
+            clipped=int(((ws < WEIGHT_MIN) | (ws > WEIGHT_MAX)).sum()), zeroed=zeroed,
+            bias_range=None if b is None else (float(b.min() * scale), float(b.max() * scale)))
+        qb = None if b is None else (b * scale * W_SCALE).round() / W_SCALE
+        live = neuron if new is None else new
+        if bool((w != 0).any()) and not bool((q != 0).any()):
+            issues.append(dataclasses.replace(issue_at(
+                node, "a layer whose quantised weights are all zero (every weight is below half a step of "
+                      "Loihi's 8-bit grid)",
+                f"scale its weights up together with its threshold and retrain"
+                + ("" if enabled else f", or compile with {OPTION}=True"), module=block), path=name))
+        elif _can_fire(ws, None if b is None else b * scale, mant, live, x_max) and not _can_fire(
+                q, qb, mant, live, x_max):
+            issues.append(dataclasses.replace(issue_at(
+                node, "a layer that can no longer fire after quantisation (with its weights on Loihi's grid no "
+                      "neuron's voltage can exceed its threshold)",
+                f"raise its weights against its threshold and retrain"
+                + ("" if enabled else f", or compile with {OPTION}=True"), module=block), path=name))
+        plans.append(_Plan(node, block, scale, new, report))
+    if pinned:
+        raise ValueError(f"{OPTION}: scales given for layers this model does not have: {sorted(pinned)}; "
+                         f"layers: {_layer_names(gm)}")
+    return plans, issues
+
+
+def _layer_names(gm: fx.GraphModule) -> list[str]:
+    return [_layer_name(module_of(gm, n), n) for n in gm.graph.nodes if isinstance(module_of(gm, n), SynapseBlock)]
+
+
+def coscale_layers(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+    """Scale each layer's weights, bias and threshold by one factor that fills Loihi's 8-bit weight range."""
+    plans, issues = _plan(gm, ctx)
+    ctx.refuse(issues)
+    changed = False
+    for plan in plans:
+        block, report = plan.block, plan.report
+        if plan.neuron is not None:
+            block.scale = plan.scale * block.scale
+            block.neuron = plan.neuron
+            changed = True
+        block.quantization = report
+        ctx.record(PASS, report.describe())
+        if report.zero_share > ZERO_SHARE_WARNING:
+            warnings.warn(f"{report.layer}: {report.zeroed} of {report.weights} weights ({report.zero_share:.0%}) "
+                          f"round to zero on Loihi's 8-bit grid (scale x{report.scale:.4g}, {report.limit})",
+                          QuantizationWarning, stacklevel=2)
+    return PassResult(gm, changed)
