@@ -156,8 +156,9 @@ def test_compiled_bias_graph_equals_lava_dl(name):
 
 def test_decay_input_by_threshold_keeps_the_bias():
     """decay_input (1/tau = 1/2) into the weights scales the bias with them; into the threshold, neither."""
-    model, x, by_weights = _compiled("LIF decay_input")
-    _, _, by_threshold = _compiled("LIF decay_input", decay_input_scale="threshold")
+    # coscale=False: co-scaling would then rescale both layers' thresholds to fill the weight range
+    model, x, by_weights = _compiled("LIF decay_input", coscale=False)
+    _, _, by_threshold = _compiled("LIF decay_input", decay_input_scale="threshold", coscale=False)
     bias = model[0].bias.detach()
     assert torch.equal(by_threshold.blocks[0].bias.detach(), bias)
     assert torch.equal(by_weights.blocks[0].bias.detach(), bias / 2)
