@@ -14,7 +14,9 @@ def test_mnist_csnn_equals_block_container_route():
     sj = block_container_net(channels)
     copy_weights(model, sj)
     sj_lava = to_lava(sj)
-    net = fxlava.compile(model, x)
+    # SpikingJelly's route keeps the model's weights and thresholds as they are (and Loihi's v > threshold
+    # in IF layers); fxlava's co-scaling changes both on purpose, so the route is reproduced without it
+    net = fxlava.compile(model, x, coscale=False)
     g = torch.Generator().manual_seed(5)
     for xr in (x, (torch.rand(x.shape[0], 4, *x.shape[2:], generator=g) < 0.4).float()):
         xin = fxlava.TNX_to_NXT(xr)
