@@ -106,15 +106,27 @@ NEWCOMER = textwrap.dedent('''
 
 
 def test_an_untrained_model_whose_dense_layer_rounds_to_zero_is_refused_with_the_layer(tmp_path):
-    # every weight of Linear(512, 10) under PyTorch's default init is below 1/64: all round to zero, and
-    # netx cannot load an all-zero dense layer (it divides by the largest weight)
+    # every weight of Linear(512, 10) under PyTorch's default init is below 1/64: without co-scaling all
+    # round to zero, which compile refuses by name (netx cannot load an all-zero dense layer either)
     (tmp_path / "newcomer.py").write_text(NEWCOMER)
-    r = _run("newcomer.py:untrained", "--input-shape", "8,2,2,16,16", "-o", "first.net", "--verify", "2", cwd=tmp_path)
+    r = _run("newcomer.py:untrained", "--input-shape", "8,2,2,16,16", "-o", "first.net", "--verify", "2",
+             "--no-coscale", cwd=tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
-    assert "netx /layer/3" in r.stderr and "weights are all zero" in r.stderr
+    assert "4 (Linear)" in r.stderr or "'4'" in r.stderr or " 4 " in r.stderr, r.stderr
+    assert "quantised weights are all zero" in r.stderr and "coscale=True" in r.stderr
     assert not (tmp_path / "first.net").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-written file
+
+
+@pytest.mark.lava
+def test_the_untrained_first_try_compiles_and_verifies_with_co_scaling(tmp_path):
+    # the same first try with the default options: co-scaling lifts the dense layer's weights onto the grid
+    (tmp_path / "newcomer.py").write_text(NEWCOMER)
+    r = _run("newcomer.py:untrained", "--input-shape", "8,2,2,16,16", "-o", "first.net", "--verify", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "verify: 2/2 samples equal on every spike" in r.stdout
+    assert (tmp_path / "first.net").exists()
 
 
 @pytest.mark.lava
