@@ -40,8 +40,9 @@ def test_same_fields_and_values_as_lava_dls_own_export(csnn, tmp_path):
     assert sorted(ours) == sorted(theirs)
     for name, value in theirs.items():
         assert np.array_equal(np.asarray(ours[name]), np.asarray(value)), name
-        if name.endswith("/weight"):
-            assert ours[name].dtype == np.int8 and value.dtype == np.float32
+        if name.endswith("/weight"):  # int8 where the mantissas fit, else int16 (co-scaling fills -256..254)
+            fits = value.min() >= -128 and value.max() <= 127
+            assert ours[name].dtype == (np.int8 if fits else np.int16) and value.dtype == np.float32
         else:
             assert np.asarray(ours[name]).dtype == np.asarray(value).dtype, name
 
@@ -63,7 +64,10 @@ def test_lava_dl_is_built_without_a_forward_pass(monkeypatch):
     assert torch.equal(seq(x), fxlava.TNX_to_NXT(net(fxlava.NXT_to_TNX(x))))
 
 
-def test_weights_take_one_byte_each(csnn, tmp_path):
+def test_weights_take_one_byte_each(tmp_path):
+    # without co-scaling the trained-size weights' mantissas fit an int8; co-scaled layers fill the
+    # 8-bit grid's -256..254 and take an int16 each
+    csnn = fxlava.compile(MNISTNet(channels=8), spikes((4, 2, 1, 28, 28), seed=0), coscale=False)
     path = csnn.export_hdf5(tmp_path / "net.net")
     weights = 0
     with h5py.File(path, "r") as f:
@@ -84,7 +88,7 @@ def test_a_mantissa_that_needs_int16_is_written_exactly(tmp_path):
         model.conv_fc[0].weight[0, 0, 0, 0] = -4.2  # clipped to -4.0: mantissa -256
         model.conv_fc[0].weight[1, 0, 0, 0] = 1.99  # 128: no longer an int8 either
     x = spikes((4, 2, 1, 28, 28), seed=0)
-    net = fxlava.compile(model, x)
+    net = fxlava.compile(model, x, coscale=False)  # co-scaling would scale the layer to fit the grid
     path = net.export_hdf5(tmp_path / "net.net")
     with h5py.File(path, "r") as f:
         w = f["layer/1/weight"][()]
@@ -139,11 +143,11 @@ def test_failed_export_leaves_no_file_and_keeps_the_old_one(csnn, tmp_path, monk
 
 
 def test_block_bias_is_written_as_netx_bias_mantissas(tmp_path):
-    """A block with a per-channel ``bias`` (real units on the 1/64 grid) gets netx's layer ``bias``."""
+    """A block whose synapse has a per-channel ``bias`` (real units on the 1/64 grid) gets netx's layer ``bias``."""
     model = MNISTNet(channels=4)
-    net = fxlava.compile(model, spikes((4, 2, 1, 28, 28), seed=0))
+    net = fxlava.compile(model, spikes((4, 2, 1, 28, 28), seed=0), coscale=False)
     block = net.blocks[0]
-    block.bias = torch.tensor([0.5, -0.25, 1.0 / 64, 0.0])
+    block.synapse.bias = torch.nn.Parameter(torch.tensor([0.5, -0.25, 1.0 / 64, 0.0]))
     path = net.export_hdf5(tmp_path / "net.net")
     with h5py.File(path, "r") as f:
         assert f["layer/1/bias"][()].tolist() == [32, -16, 1, 0]
