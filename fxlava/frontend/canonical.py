@@ -49,7 +49,11 @@ def _is_identity(m: nn.Module) -> bool:
     """Identity and every Dropout: the compiled network is the model in eval mode, where they pass x through."""
     from spikingjelly.activation_based import layer
 
-    return isinstance(m, IDENTITIES + (layer.Dropout,))  # layer.Dropout2d subclasses layer.Dropout
+    from fxlava.subclasses import changed_methods, nearest_base
+
+    types = IDENTITIES + (layer.Dropout,)  # layer.Dropout2d subclasses layer.Dropout
+    # a subclass whose forward does something else is no identity: lower_module_subclasses refuses it
+    return isinstance(m, types) and not changed_methods(m, nearest_base(m, types))
 
 
 def _scope(node: fx.Node) -> str:
