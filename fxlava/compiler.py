@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxlava import frontend
+from fxlava import chain, frontend
 from fxlava.backends.lava_dl import blocks_of, blocks_with_shapes, to_lava_dl
 from fxlava.blocks import SynapseBlock
 from fxlava.errors import UnsupportedModelError, in_model_order
@@ -67,7 +67,18 @@ def one_per_module(gm: fx.GraphModule, issues: list) -> list:
             fix=f"its first unsupported operation is {_op_name(node)}() (all: {ops}); replace the module by "
                 f"SpikingJelly neurons and layers fxlava compiles (IFNode, LIFNode, ParametricLIFNode, CUBALIFNode, "
                 f"Conv2d, Linear, pools), or write a pass that lowers it"))
-    return in_model_order(merged + [i for i in issues if not _scope_of(i.path, groups)])
+
+    def own(issue) -> bool:
+        """An issue of the module's inside: at a node in it whose users are all in it too."""
+        if not _scope_of(issue.path, groups):
+            return False
+        node = issue.fx_node
+        if node is None or issue.reason not in (chain.BRANCH, chain.RESIDUAL):
+            return True
+        # a fork at the module's output (a residual around it) is the model's problem, not the module's
+        return all(_scope_of(u.meta.get("fxlava_path") or "\0", groups) for u in node.users)
+
+    return in_model_order(merged + [i for i in issues if not own(i)])
 
 
 def _op_name(node: fx.Node) -> str:
