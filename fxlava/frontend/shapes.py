@@ -8,7 +8,24 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-__all__ = ["ShapeRunError", "propagate_shapes"]
+__all__ = ["ShapeRunError", "propagate_shapes", "record_shape"]
+
+
+def record_shape(node: fx.Node, value: Any) -> None:
+    """What torch's ShapeProp records for a node (``tensor_meta``, ``type``), from a value already computed."""
+    found = False
+
+    def meta(obj):
+        nonlocal found
+        if isinstance(obj, torch.Tensor):
+            found = True
+            return _extract_tensor_metadata(obj)
+        return obj
+
+    m = map_aggregate(value, meta)
+    if found:
+        node.meta["tensor_meta"] = m
+    node.meta["type"] = type(value)
 
 
 class ShapeRunError(Exception):
@@ -27,19 +44,7 @@ class _ShapeRecorder(fx.Interpreter):
             result = super().run_node(n)
         except Exception as exc:
             raise ShapeRunError(n, exc) from exc
-        found = False
-
-        def meta(obj):
-            nonlocal found
-            if isinstance(obj, torch.Tensor):
-                found = True
-                return _extract_tensor_metadata(obj)
-            return obj
-
-        m = map_aggregate(result, meta)
-        if found:
-            n.meta["tensor_meta"] = m
-        n.meta["type"] = type(result)
+        record_shape(n, result)
         return result
 
 

@@ -24,7 +24,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from fxlava.frontend.shapes import record_shape
 
 __all__ = ["SpikingTracer", "UntraceableError", "user_frame"]
 
@@ -130,23 +131,6 @@ class _ValueProxy(fx.Proxy):
         return self.tracer.iter(self)  # raises: a value tracing does not know
 
 
-def _record_shape(node: fx.Node, value: Any) -> None:
-    """What ShapeProp records for a node, from the value the tracer computed anyway."""
-    found = False
-
-    def meta(obj):
-        nonlocal found
-        if isinstance(obj, torch.Tensor):
-            found = True
-            return _extract_tensor_metadata(obj)
-        return obj
-
-    m = map_aggregate(value, meta)
-    if found:
-        node.meta["tensor_meta"] = m
-    node.meta["type"] = type(value)
-
-
 def _value_of(a: Any) -> Any:
     if isinstance(a, fx.proxy.Attribute):
         root = _value_of(a.root)
@@ -224,7 +208,7 @@ class SpikingTracer(fx.Tracer):
                 self.complete = False
             proxy.__dict__["_fxlava_value"] = value
             if kind != "placeholder" or value is not None:
-                _record_shape(proxy.node, value)
+                record_shape(proxy.node, value)
         return proxy
 
     def trace(self, root, concrete_args=None):
