@@ -49,7 +49,7 @@ from fxlava.examples.mnist_data import balanced_indices, load_mnist, poisson_enc
 
 def csnn(seed: int):
     """The tutorial's CSNN, initialised to fire (init_firing)."""
-    return init_firing(CSNN(channels=16), seed=seed), "tutorial CSNN (IF)"
+    return init_firing(CSNN(channels=16), seed=seed), "tutorial CSNN (IF)", {}
 
 
 def plif_mnistnet(seed: int, example):
@@ -63,7 +63,7 @@ def plif_mnistnet(seed: int, example):
     functional.set_step_mode(model, "m")
     try:
         fxlava.compile(model, example, bias="current")
-        return model, "SJ parametric_lif_net.MNISTNet (PLIF, bias + BatchNorm as bias currents)"
+        return model, "SJ parametric_lif_net.MNISTNet (PLIF, bias + BatchNorm as bias currents)", {"bias": "current"}
     except fxlava.UnsupportedModelError:
         pass
     torch.manual_seed(seed)
@@ -83,7 +83,7 @@ def plif_mnistnet(seed: int, example):
     # gain 4 (measured on 64 training digits, T 8: 10, 11, 18, 17 % per layer; gain 2: 5, 2, 0.2, 0 %)
     init_firing(model, gain=4.0, seed=seed)
     return model, ("SJ parametric_lif_net.MNISTNet (PLIF) without bias and BatchNorm: this fxlava refuses "
-                   "biases (bias=\"current\" not available)")
+                   "biases (bias=\"current\" not available)"), {}
 
 
 def last_spikes(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -115,8 +115,8 @@ def _readout_acc(net, spikes_tnx, y):
 
 
 @torch.no_grad()
-def measure(model, name, data, *, T, seed, lava_per_class, batch=200):
-    """One row per route: float, 8-bit reference, fxlava without and with co-scaling."""
+def measure(model, name, data, *, T, seed, lava_per_class, batch=200, options=None):
+    """One row per route: float, 8-bit reference, fxlava without and with co-scaling (``options``: compile's others)."""
     g = torch.Generator().manual_seed(seed)
     xs = [poisson_encode(data.test_x[i:i + batch], T, g) for i in range(0, len(data.test_y), batch)]
     ys = [data.test_y[i:i + batch] for i in range(0, len(data.test_y), batch)]
@@ -130,7 +130,7 @@ def measure(model, name, data, *, T, seed, lava_per_class, batch=200):
     rows.append(dict(model=name, route="8-bit reference (SpikingJelly)", agreement=agree / total, acc=ref_acc))
     example = xs[0][:, :2]
     for coscale in (False, True):
-        net = fxlava.compile(model, example, coscale=coscale)
+        net = fxlava.compile(model, example, coscale=coscale, **(options or {}))
         agree = right = 0
         graph_equal = True
         for x, y, r in zip(xs, ys, ref_spikes):
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     example = poisson_encode(data.train_x[:2], args.T, torch.Generator().manual_seed(args.seed))
     rows, notes = [], []
     for key in args.models.split(","):
-        model, name = csnn(args.seed) if key == "csnn" else plif_mnistnet(args.seed, example)
+        model, name, options = csnn(args.seed) if key == "csnn" else plif_mnistnet(args.seed, example)
         notes.append(name)
         short = "CSNN" if key == "csnn" else "PLIF MNISTNet"
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
@@ -220,7 +220,8 @@ def main(argv=None) -> int:
                                     loss="mse", generator=g, max_batches=args.max_batches, desc=f"{short} {epoch}")
             print(f"{short} epoch {epoch}: train loss {loss:.4f}, train acc {acc:.4f}", flush=True)
         model.eval()
-        rows += measure(model, short, data, T=args.T, seed=args.seed + 1, lava_per_class=args.lava_per_class)
+        rows += measure(model, short, data, T=args.T, seed=args.seed + 1, lava_per_class=args.lava_per_class,
+                        options=options)
     text = "\n".join([table(rows), "", *[f"- {n}" for n in notes], "", *[f"- {f}" for f in floors(rows)],
                       "", f"(T {args.T}, {args.epochs} float epochs, 1,000 test digits; "
                           f"{time.perf_counter() - t0:.0f} s in all)"])
