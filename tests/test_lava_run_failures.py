@@ -59,10 +59,12 @@ def test_a_lava_worker_that_dies_is_named_with_its_layer(tmp_path, monkeypatch, 
         # runs inside the process that runs Lava: find its network and the worker of the conv's synapse
         from lava.lib.dl.netx.hdf5 import Network
 
-        net = next(o for o in gc.get_objects() if isinstance(o, Network))
-        for worker, process in lava_runner._worker_processes(net):
-            if process is net.layers[0].synapse:
-                os.kill(worker.pid, signal.SIGKILL)
+        # the running network is the one with workers: a Network of an earlier test in this process (forked
+        # into the child with everything else) has none
+        for net in [o for o in gc.get_objects() if isinstance(o, Network)]:
+            for worker, process in lava_runner._worker_processes(net):
+                if process is net.layers[0].synapse:
+                    os.kill(worker.pid, signal.SIGKILL)
 
     class Killing(_Bar):
         on_update = staticmethod(kill_the_conv_synapse)
