@@ -32,8 +32,12 @@ class Readout(nn.Module):
         self.step_mode = step_mode
         self.ops = tuple(ops)  # a description of each op, for tables and records
         self.after = after  # path of the last spiking layer, whose output the readout reads
+        # a residual merge feeding the output, summing channel groups of the output spikes (lower_residuals)
+        self.merge: Optional[nn.Module] = None
 
     def forward(self, spikes: torch.Tensor):
+        if self.merge is not None:
+            spikes = self.merge(spikes)
         if self.graph_module is None:
             return spikes
         if self.step_mode == "m":
