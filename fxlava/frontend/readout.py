@@ -1,4 +1,4 @@
-"""Readout: the parameter-free ops after the last spiking layer, cut off the graph and run on the host."""
+"""Readout: the ops after the last spiking layer (a rate, a classification head without a neuron), run on the host."""
 from __future__ import annotations
 
 import copy
@@ -18,7 +18,7 @@ __all__ = ["Readout", "split_readout", "output_issues"]
 
 
 class Readout(nn.Module):
-    """The model's parameter-free ops after its last spiking layer (a firing-rate mean, a VotingLayer...).
+    """The model's ops after its last spiking layer (a firing-rate mean, a VotingLayer, a head without a neuron).
 
     They read the output spikes; they are not part of the network that runs on Loihi, so fxlava
     runs them on the host: ``net.readout(spikes)`` takes ``[T, N, *]`` output spikes (of ``net(x)``
@@ -71,18 +71,29 @@ def _compiles_after_spikes(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
-    """Cut the parameter-free ops after the last spiking layer off ``gm0`` into a ``Readout``.
+    """Cut the ops after the last spiking layer off ``gm0`` into a ``Readout``.
 
-    Only a tail that reads nothing but the last spiking layer's output, and holds no parameters,
-    buffers or state, is cut; anything else stays in the graph (and is compiled or refused).
+    Only a tail that reads nothing but one node (the last spiking layer's output, or a merge of
+    spikes) and holds no state is cut: parameter-free ops (a rate, a VotingLayer) and a trailing
+    classification head without a neuron (SpikingJelly's ResNets end in avgpool -> flatten -> fc),
+    which runs on the host in float. Anything else stays in the graph (and is compiled or refused).
     """
     nodes = list(gm0.graph.nodes)
     output = nodes[-1]
     spiking = [i for i, n in enumerate(nodes) if _is_spiking_node(gm0, n)]
     if not spiking or not isinstance(output.args[0], fx.Node):
         return None
-    last = nodes[spiking[-1]]
-    tail = nodes[spiking[-1] + 1:-1]
+    # the longest run of nodes after the last spiking layer that reads a single node from before it (the
+    # last spiking layer, or a residual merge of spikes, which lower_residuals lowers)
+    for start in range(spiking[-1] + 1, len(nodes) - 1):
+        tail = nodes[start:-1]
+        inside = set(tail)
+        outside = {a for n in tail for a in n.all_input_nodes if a not in inside}
+        if len(outside) == 1:
+            (last,) = outside
+            break
+    else:
+        return None
     # max pools (and dropout) of the last spikes compile to Loihi layers: the readout starts after them
     # (and a folded time loop's stack([y]) is the spikes themselves, stacked over time)
     while tail and tail[0].all_input_nodes == [last] and (_compiles_after_spikes(gm0, tail[0])
@@ -94,10 +105,8 @@ def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
     for n in tail:
         if n.op in ("placeholder", "get_attr") or any(a not in inside for a in n.all_input_nodes):
             return None
-        if n.op == "call_module":
-            m = gm0.get_submodule(n.target)
-            if any(True for _ in m.parameters()) or any(True for _ in m.buffers()) or _is_stateful(m):
-                return None
+        if n.op == "call_module" and _is_stateful(gm0.get_submodule(n.target)):
+            return None
     graph = fx.Graph()
     env = {last: graph.placeholder("spikes")}
     for n in tail:
