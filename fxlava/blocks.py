@@ -77,6 +77,11 @@ class SynapseBlock(nn.Module):
         return bias if bias is None or self.scale == 1.0 else bias * self.scale
 
     @property
+    def neuron_channels(self) -> int:
+        """Output channels (or features) of the synapse: the model's own plus the relays."""
+        return self.synapse.out_channels if isinstance(self.synapse, nn.Conv2d) else self.synapse.out_features
+
+    @property
     def quantized_weight(self) -> torch.Tensor:
         """The weights Loihi runs: ``scaled_weight`` on the 8-bit grid."""
         return quantize_weight(self.scaled_weight)

@@ -98,6 +98,13 @@ class _Current:
 
 
 @dataclass
+class _Opaque:
+    """A node this pass does not know; fine only where it feeds a merge refused anyway."""
+
+    node: fx.Node
+
+
+@dataclass
 class _Source:
     node: fx.Node
     depth: int
@@ -132,6 +139,7 @@ class _Plan:
     merges: list = field(default_factory=list)  # merge nodes lowered
     sources: dict = field(default_factory=dict)
     currents: dict = field(default_factory=dict)
+    issues: list = field(default_factory=list)
 
 
 class _GiveUp(Exception):
@@ -184,7 +192,7 @@ def _refuse(node, reason, fix, module=None):
 
 
 def _spikes_of(value, node) -> _Spikes:
-    if not isinstance(value, _Spikes):
+    if not isinstance(value, _Spikes):  # opaque, or a current fed to a synapse: fuse_blocks reports it
         raise _GiveUp(node)
     return value
 
@@ -226,81 +234,98 @@ def _is_add(node: fx.Node) -> bool:
 
 
 def _analyse(gm: fx.GraphModule, ctx: CompileContext):
-    """(values, sources, merges, currents): every node's value in terms of spike sources; each neuron's input."""
-    values, sources, merges, currents = {}, {}, [], {}
+    """(values, sources, merges, currents, issues): every node's value in terms of spike sources; each neuron's input."""
+    values, sources, merges, currents, issues = {}, {}, [], {}, []
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
-        if ctx.is_settled(node):
+        try:
+            _analyse_node(gm, ctx, node, values, sources, merges, currents)
+        except _Refused as exc:  # go on: every merge it cannot lower is reported at once
+            issues.append(exc.issue)
+            values[node] = _Opaque(node)
+    return values, sources, merges, currents, issues
+
+
+def _analyse_node(gm, ctx, node, values, sources, merges, currents) -> None:
+    """Set ``values[node]`` (and, for a neuron, its source and input current); raises _Refused or _GiveUp."""
+    if node.op == "placeholder":
+        shape = tuple(ctx.input_shape)
+        sources[node] = _Source(node, 0, shape[0], shape)
+        values[node] = _Spikes([_Segment(shape[0], {node: 1.0})])
+        return
+    if node.op == "get_attr":
+        raise _GiveUp(node)
+    m = module_of(gm, node)
+    args = [values.get(a) if isinstance(a, fx.Node) else a for a in node.args]
+    inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
+    merge = len(inputs) > 1 and not (_is_add(node) or (node.op == "call_function" and node.target in _CATS))
+    if not merge and (ctx.is_settled(node) or any(isinstance(values.get(a), _Opaque) for a in inputs)):
+        values[node] = _Opaque(node)  # refused earlier, or after a node this pass does not know
+        return
+    if isinstance(m, CubaNeuron):
+        cur = args[0] if len(args) == 1 else None
+        if not isinstance(cur, _Current):
             raise _GiveUp(node)
-        if node.op == "placeholder":
-            shape = tuple(ctx.input_shape)
-            sources[node] = _Source(node, 0, shape[0], shape)
-            values[node] = _Spikes([_Segment(shape[0], {node: 1.0})])
-            continue
-        if node.op == "get_attr":
+        depth = 1 + max(sources[t.source].depth for t in cur.terms)
+        shape = tuple(node.meta.get("fxlava_shape") or ())
+        if not shape:
             raise _GiveUp(node)
-        m = module_of(gm, node)
-        args = [values.get(a) if isinstance(a, fx.Node) else a for a in node.args]
-        if isinstance(m, CubaNeuron):
-            cur = args[0] if len(args) == 1 else None
-            if not isinstance(cur, _Current):
-                raise _GiveUp(node)
-            depth = 1 + max(sources[t.source].depth for t in cur.terms)
-            shape = tuple(node.meta.get("fxlava_shape") or ())
-            if not shape:
-                raise _GiveUp(node)
-            sources[node] = _Source(node, depth, shape[0], shape)
-            values[node] = _Spikes([_Segment(shape[0], {node: 1.0})])
-            currents[node] = cur
-        elif isinstance(m, SYNAPSES):
-            spikes = _spikes_of(args[0] if len(args) == 1 else None, node)
-            terms, lo = [], 0
-            for seg in spikes.segments:
-                for src, coeff in seg.terms.items():
-                    terms.append(_Term(node, lo, lo + seg.channels, src, coeff))
-                lo += seg.channels
-            values[node] = _Current(terms)
-        elif isinstance(m, FLATTENS):
-            spikes = _spikes_of(args[0] if len(args) == 1 else None, node)
-            if len(spikes.segments) != 1 or list(spikes.segments[0].terms.values()) != [1.0]:
-                _refuse(node, "a flatten of a residual merge inside the network (the relay channels would be "
-                              "flattened with it)", "flatten the output of a spiking layer, not a sum", module=m)
-            (src,) = spikes.segments[0].terms
-            shape = tuple(node.meta.get("fxlava_shape") or ())
-            sources[node] = _Source(node, sources[src].depth, shape[0], shape, flat_of=src)
-            values[node] = _Spikes([_Segment(shape[0], {node: 1.0})])
-        elif _is_add(node):
-            if len(args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
-                raise _GiveUp(node)
-            a, b = args
-            if a is None or b is None:
-                raise _GiveUp(node)
-            values[node] = _add(a, b, node)
-            merges.append(node)
-        elif node.op == "call_function" and node.target in _CATS:
-            tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            shape = tuple(node.meta.get("fxlava_shape") or ())
-            if not isinstance(tensors, (list, tuple)) or not shape or dim not in (1, -len(shape)):
-                raise _GiveUp(node)
-            spatial = {tuple(t.meta.get("fxlava_shape") or ())[1:] for t in tensors}
-            if len(spatial) != 1:
-                _refuse(node, "a concatenation of tensors of different spatial sizes "
-                              f"({', '.join('x'.join(map(str, s)) for s in sorted(spatial))}): one netx layer "
-                              "has one spatial size", "pool or stride the inputs to the same size first")
-            vals = [values.get(t) for t in tensors]
-            if not all(isinstance(v, _Spikes) for v in vals):
-                raise _GiveUp(node)
-            values[node] = _Spikes([s for v in vals for s in v.segments])
-            merges.append(node)
-        elif len([a for a in node.all_input_nodes if a.op != "get_attr"]) > 1:
-            what = getattr(node.target, "__name__", str(node.target))
-            _refuse(node, f"a merge by {what}(), which is not linear in the spikes (SEW's AND is x * y, IAND "
-                          f"x * (1 - y)); Loihi layers only add their inputs", _FIX_MERGE)
-        else:
+        sources[node] = _Source(node, depth, shape[0], shape)
+        values[node] = _Spikes([_Segment(shape[0], {node: 1.0})])
+        currents[node] = cur
+    elif isinstance(m, SYNAPSES):
+        spikes = _spikes_of(args[0] if len(args) == 1 else None, node)
+        terms, lo = [], 0
+        for seg in spikes.segments:
+            for src, coeff in seg.terms.items():
+                terms.append(_Term(node, lo, lo + seg.channels, src, coeff))
+            lo += seg.channels
+        values[node] = _Current(terms)
+    elif isinstance(m, FLATTENS):
+        spikes = _spikes_of(args[0] if len(args) == 1 else None, node)
+        if len(spikes.segments) != 1 or list(spikes.segments[0].terms.values()) != [1.0]:
+            _refuse(node, "a flatten of a residual merge inside the network (the relay channels would be "
+                          "flattened with it)", "flatten the output of a spiking layer, not a sum", module=m)
+        (src,) = spikes.segments[0].terms
+        shape = tuple(node.meta.get("fxlava_shape") or ())
+        sources[node] = _Source(node, sources[src].depth, shape[0], shape, flat_of=src)
+        values[node] = _Spikes([_Segment(shape[0], {node: 1.0})])
+    elif _is_add(node):
+        if len(args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
             raise _GiveUp(node)
-    return values, sources, merges, currents
+        a, b = args
+        if not isinstance(a, (_Spikes, _Current)) or not isinstance(b, (_Spikes, _Current)):
+            raise _GiveUp(node)
+        values[node] = _add(a, b, node)
+        merges.append(node)
+    elif node.op == "call_function" and node.target in _CATS:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        shape = tuple(node.meta.get("fxlava_shape") or ())
+        if not isinstance(tensors, (list, tuple)) or not shape:
+            raise _GiveUp(node)
+        if dim not in (1, -len(shape)):
+            sizes = ", ".join("x".join(map(str, t.meta.get("fxlava_shape") or ())) for t in tensors)
+            _refuse(node, f"a concatenation along a spatial dimension (of {sizes}): the result has another "
+                          f"spatial size than its parts, and a netx layer concatenates only channels of one spatial size",
+                    "concatenate along the channels (dim 1 per step, 2 in multi-step), or run this part off Loihi")
+        spatial = {tuple(t.meta.get("fxlava_shape") or ())[1:] for t in tensors}
+        if len(spatial) != 1:
+            _refuse(node, "a concatenation of tensors of different spatial sizes "
+                          f"({', '.join('x'.join(map(str, s)) for s in sorted(spatial))}): one netx layer "
+                          "has one spatial size", "pool or stride the inputs to the same size first")
+        vals = [values.get(t) for t in tensors]
+        if not all(isinstance(v, _Spikes) for v in vals):
+            raise _GiveUp(node)
+        values[node] = _Spikes([s for v in vals for s in v.segments])
+        merges.append(node)
+    elif len([a for a in node.all_input_nodes if a.op != "get_attr"]) > 1:
+        what = getattr(node.target, "__name__", str(node.target))
+        _refuse(node, f"a merge by {what}(), which is not linear in the spikes (SEW's AND is x * y, IAND "
+                      f"x * (1 - y)); Loihi layers only add their inputs", _FIX_MERGE)
+    else:
+        values[node] = _Opaque(node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,12 +382,17 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[Optional[_Plan], lis
     if not _forks(gm):
         return None, []
     try:
-        values, sources, merges, currents = _analyse(gm, ctx)
+        values, sources, merges, currents, issues = _analyse(gm, ctx)
+        if issues:
+            return None, issues
         output = next(n for n in gm.graph.nodes if n.op == "output")
         out = output.args[0]
         if not isinstance(out, fx.Node) or not isinstance(values.get(out), _Spikes):
             raise _GiveUp(output)
-        return _layers(gm, sources, currents, merges, values[out]), []
+        if any(isinstance(v, _Opaque) for v in values.values()):  # fuse_blocks names it
+            raise _GiveUp(output)
+        plan = _layers(gm, sources, currents, merges, values[out])
+        return (None, plan.issues) if plan.issues else (plan, [])
     except _GiveUp:
         return None, []
     except _Refused as exc:
@@ -402,7 +432,13 @@ def _layers(gm, sources, currents, merges, out_value: _Spikes) -> _Plan:
         group = sorted((n for n in neurons if sources[n].depth == depth), key=order.get)
         relays = [s for s in boundary if need[s] >= depth and s not in group]
         layer = _Layer(depth, group, relays, list(boundary))
-        spatial = _build_layer(gm, layer, sources, currents, sub, spatial, plan)
+        try:
+            spatial = _build_layer(gm, layer, sources, currents, sub, spatial, plan)
+        except _Refused as exc:  # go on with the next layer: each block's problem is reported at once
+            plan.issues.append(exc.issue)
+            spatial = tuple(sources[group[0]].shape[1:])
+            for s in relays:
+                sub[s] = sub.get(s, (1, 1))
         plan.layers.append(layer)
         boundary = group + relays
         boundary = _flatten_at(boundary, flats, need, depth, plan, layer)
@@ -690,9 +726,15 @@ def lower_residuals(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     plan, issues = _plan(gm, ctx)
     if issues:
         ctx.refuse(issues)
-        for n in gm.graph.nodes:  # the branch is reported by the merge; fuse_blocks need not report it again
-            if n.op != "output" and (len(n.users) > 1) and not ctx.is_settled(n):
+        # the branch is reported by its merge (or the layer that cannot carry it): fuse_blocks need not report
+        # the forks again, nor what only computes an input of a merge (IAND's 1 - y)
+        for n in gm.graph.nodes:
+            if n.op != "output" and len(n.users) > 1 and not ctx.is_settled(n):
                 ctx.leave(n, because=issues[0].fx_node)
+        for issue in issues:
+            for n in issue.fx_node.all_input_nodes:
+                if n.op in ("call_function", "call_method") and not ctx.is_settled(n):
+                    ctx.leave(n, because=issue.fx_node)
         return PassResult(gm, False)
     if plan is None:
         return PassResult(gm, False)
