@@ -92,9 +92,10 @@ class _Term:
 
 @dataclass
 class _Current:
-    """Synaptic current: a sum of terms (a Spiking-ResNet merge adds several)."""
+    """Synaptic current: a sum of terms (a Spiking-ResNet merge adds several), and of the synapses' biases."""
 
     terms: list
+    biases: list = field(default_factory=list)  # (synapse node, coefficient): each time its bias is added
 
 
 @dataclass
@@ -225,7 +226,7 @@ def _add(a, b, node):
         a = _as_current(a)
     if isinstance(b, _Spikes):
         b = _as_current(b)
-    return _Current(a.terms + b.terms)
+    return _Current(a.terms + b.terms, a.biases + b.biases)
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -281,7 +282,7 @@ def _analyse_node(gm, ctx, node, values, sources, merges, currents) -> None:
             for src, coeff in seg.terms.items():
                 terms.append(_Term(node, lo, lo + seg.channels, src, coeff))
             lo += seg.channels
-        values[node] = _Current(terms)
+        values[node] = _Current(terms, [(node, 1.0)] if m.bias is not None else [])
     elif isinstance(m, FLATTENS):
         spikes = _spikes_of(args[0] if len(args) == 1 else None, node)
         if len(spikes.segments) != 1 or list(spikes.segments[0].terms.values()) != [1.0]:
@@ -552,6 +553,14 @@ def _build_layer(gm, layer: _Layer, sources, currents, sub: dict, spatial: tuple
         else:
             weight[row:row + c, cols, geo.padding[0] // geo.dilation[0], geo.padding[1] // geo.dilation[1]] = eye
         row += c
+    bias = None
+    if any(c.biases for c in currents):  # bias currents (bias="current"): the groups' own, none on relays
+        bias = torch.zeros(sum(out_channels), dtype=torch.float64)
+        row = 0
+        for n, cur, f in zip(layer.neurons, currents, scales):
+            for syn, coeff in cur.biases:
+                bias[row:row + sources[n].channels] += module_of(gm, syn).bias.detach().double() * coeff * f
+            row += sources[n].channels
     layer.relay_synapses = weight.numel() - synapse_numel
     dtype = torch.get_default_dtype()
     if geo is None:
@@ -570,6 +579,8 @@ def _build_layer(gm, layer: _Layer, sources, currents, sub: dict, spatial: tuple
                         "give parallel paths convolutions of the same output size")
         for s in layer.relays:
             sub[s] = tuple(sub.get(s, (1, 1))[i] * geo.stride[i] for i in range(2))
+    if bias is not None:
+        conv.bias = nn.Parameter(bias.to(dtype))
     conv.weight = nn.Parameter(weight.to(dtype), requires_grad=any(
         module_of(gm, t.synapse).weight.requires_grad for t in terms_all if t.synapse is not None))
     layer.conv = conv
