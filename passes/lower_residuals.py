@@ -584,7 +584,8 @@ def _build_layer(gm, layer: _Layer, sources, currents, sub: dict, spatial: tuple
     conv.weight = nn.Parameter(weight.to(dtype), requires_grad=any(
         module_of(gm, t.synapse).weight.requires_grad for t in terms_all if t.synapse is not None))
     layer.conv = conv
-    layer.neuron = CubaNeuron(main.threshold, main.current_decay, main.voltage_decay, main.surrogate_function,
+    req = main.requested  # what the user asked for: coscale_layers reads it (ties, exact thresholds)
+    layer.neuron = CubaNeuron(req["threshold"], req["current_decay"], req["voltage_decay"], main.surrogate_function,
                               main.detach_reset)
     layer.shape = (sum(out_channels),) + out_spatial
     syn_paths = []
