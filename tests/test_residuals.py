@@ -222,19 +222,22 @@ def sj_resnets(monkeypatch):
 
 
 def _lively_batchnorms(model, seed):
-    """Trained-like BatchNorm scales (no shift), so that the deep layers fire at T 2."""
+    """Trained-like BatchNorm statistics with shifts, so that the deep layers fire at T 2."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             with torch.no_grad():
                 m.weight.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 1.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.1)
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
     return model.eval()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sew_resnet18", "spiking_resnet18"])
 def test_spikingjelly_resnet18_graph_equals_lava_dl(sj_resnets, arch):
-    """SpikingJelly 2.0's sew_resnet18 (ADD) and spiking_resnet18, unmodified, 3x32x32, T 2: graph == lava-dl."""
+    """SpikingJelly 2.0's sew_resnet18 (ADD) and spiking_resnet18, unmodified, BatchNorm shifts as bias currents,
+    3x32x32, T 2: graph == lava-dl."""
     torch.manual_seed(0)
     if arch == "sew_resnet18":
         model = sj_resnets["sew_resnet"].sew_resnet18(cnf="ADD", spiking_neuron=neuron.IFNode)
@@ -243,8 +246,9 @@ def test_spikingjelly_resnet18_graph_equals_lava_dl(sj_resnets, arch):
     functional.set_step_mode(model, "m")
     model = _lively_batchnorms(model, 0)
     x = _spikes((2, 1, 3, 32, 32), 5, rate=0.5)
-    net = fxlava.compile(model, x)
+    net = fxlava.compile(model, x, bias="current")
     assert len(net.blocks) == 18 and net.blocks[1].kind == "maxpool"
+    assert sum(b.bias is not None for b in net.blocks) == 17  # every layer but the OR layer of the max pool
     assert net.readout.ops[-3:] == ("avgpool (AdaptiveAvgPool2d)", "flatten()", "fc (Linear)")
     y = net(x)
     assert y.sum() > 0
