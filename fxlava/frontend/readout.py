@@ -70,6 +70,16 @@ def _compiles_after_spikes(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and _FUNCTIONAL_MODULES.get(node.target) in (_max_pool2d, _dropout)
 
 
+def _host_module(m: nn.Module) -> bool:
+    """A module the readout may run on the host: torch's or SpikingJelly's own stateless layers, not a user's
+    class (a hand-written neuron, a subclass with its own forward), which the passes name instead."""
+    if _is_stateful(m):
+        return False
+    if type(m).__module__.startswith(("torch.nn.", "spikingjelly.activation_based.layer")):
+        return True
+    return not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())
+
+
 def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
     """Cut the ops after the last spiking layer off ``gm0`` into a ``Readout``.
 
@@ -105,7 +115,7 @@ def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
     for n in tail:
         if n.op in ("placeholder", "get_attr") or any(a not in inside for a in n.all_input_nodes):
             return None
-        if n.op == "call_module" and _is_stateful(gm0.get_submodule(n.target)):
+        if n.op == "call_module" and not _host_module(gm0.get_submodule(n.target)):
             return None
     graph = fx.Graph()
     env = {last: graph.placeholder("spikes")}
