@@ -70,6 +70,12 @@ def _compiles_after_spikes(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and _FUNCTIONAL_MODULES.get(node.target) in (_max_pool2d, _dropout)
 
 
+def _is_add(node: fx.Node) -> bool:
+    import operator
+
+    return node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)
+
+
 def _host_module(m: nn.Module) -> bool:
     """A module the readout may run on the host: torch's or SpikingJelly's own stateless layers, not a user's
     class (a hand-written neuron, a subclass with its own forward), which the passes name instead."""
@@ -99,7 +105,7 @@ def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
         tail = nodes[start:-1]
         inside = set(tail)
         outside = {a for n in tail for a in n.all_input_nodes if a not in inside}
-        if len(outside) == 1:
+        if len(outside) == 1 and (_is_spiking_node(gm0, next(iter(outside))) or _is_add(next(iter(outside)))):
             (last,) = outside
             break
     else:
