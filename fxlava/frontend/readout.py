@@ -123,6 +123,11 @@ def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
             return None
         if n.op == "call_module" and not _host_module(gm0.get_submodule(n.target)):
             return None
+    weighted = [n for n in tail if n.op == "call_module" and any(True for _ in gm0.get_submodule(n.target).parameters())]
+    out = output.args[0]
+    if weighted and not (out.op == "call_module" and _host_module(gm0.get_submodule(out.target))
+                         and any(True for _ in gm0.get_submodule(out.target).parameters())):
+        return None  # a head with weights must be what the model returns (its fc), not feed more arithmetic
     graph = fx.Graph()
     env = {last: graph.placeholder("spikes")}
     for n in tail:
