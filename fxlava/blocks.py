@@ -29,7 +29,8 @@ class SynapseBlock(nn.Module):
     as adding the bias to the synaptic input, which is what ``forward`` does.
     """
 
-    def __init__(self, synapse: nn.Module, neuron: CubaNeuron, kind: str = "", source: tuple = ()):
+    def __init__(self, synapse: nn.Module, neuron: CubaNeuron, kind: str = "", source: tuple = (),
+                 relay_channels: int = 0, relay_synapses: int = 0):
         super().__init__()
         if not isinstance(synapse, SYNAPSES):
             raise TypeError(f"SynapseBlock takes nn.Conv2d or nn.Linear; got {type(synapse).__name__}")
@@ -50,6 +51,10 @@ class SynapseBlock(nn.Module):
         # 'conv', 'dense', 'sumpool' or 'maxpool' (grouped convs with a ones kernel); for tables and the backends
         self.kind = kind or ("conv" if isinstance(synapse, nn.Conv2d) else "dense")
         self.source = tuple(dict.fromkeys(source))  # the user's module paths this block was made from
+        # output channels that carry a skip path along (lower_residuals), and the synapses they and the
+        # merges they feed add beyond the model's own
+        self.relay_channels = int(relay_channels)
+        self.relay_synapses = int(relay_synapses)
         # Co-scaling factor (fxlava.passes.coscale_layers): Loihi gets the weights times ``scale``
         # and a neuron whose threshold was multiplied by it too. ``synapse.weight`` stays in the
         # model's units, so it is what training updates and what goes back into the model.
@@ -70,6 +75,11 @@ class SynapseBlock(nn.Module):
         """The synapse's bias times ``scale`` (None without a bias): what a bias current must be made from."""
         bias = getattr(self.synapse, "bias", None)
         return bias if bias is None or self.scale == 1.0 else bias * self.scale
+
+    @property
+    def neuron_channels(self) -> int:
+        """Output channels (or features) of the synapse: the model's own plus the relays."""
+        return self.synapse.out_channels if isinstance(self.synapse, nn.Conv2d) else self.synapse.out_features
 
     @property
     def quantized_weight(self) -> torch.Tensor:
@@ -137,7 +147,8 @@ class SynapseBlock(nn.Module):
 
     def extra_repr(self) -> str:
         scale = f", scale={self.scale:g}" if self.scale != 1.0 else ""
-        return f"kind={self.kind}, source={list(self.source)}{scale}"
+        relays = f", relay_channels={self.relay_channels}" if self.relay_channels else ""
+        return f"kind={self.kind}, source={list(self.source)}{scale}{relays}"
 
 
 class FlattenBlock(nn.Module):

@@ -89,8 +89,29 @@ def layer_table(net: fxlava.CompiledNetwork) -> str:
             if block.kind == "flatten":  # slayer keeps it as (features, 1, 1)
                 shape = (int(torch.tensor(shape).prod()),)
             rows.append((str(i), block.kind, "x".join(map(str, shape))) + ("",) * (len(head) - 3))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+    footer = ""
+    synapse_blocks = [(i, b) for i, b in enumerate(net.blocks, start=1) if isinstance(b, SynapseBlock)]
+    if any(b.relay_channels for _, b in synapse_blocks):  # skip paths carried as relays (lower_residuals)
+        rows[0] = rows[0] + ("relays",)
+        relay_of = {i: b for i, b in synapse_blocks}
+        neurons = relay_neurons = synapses = relay_synapses = 0
+        for r, row in enumerate(rows[1:], start=1):
+            b = relay_of.get(int(row[0]))
+            cell = ""
+            if b is not None:
+                per_channel = int(row[3]) // max(b.neuron_channels, 1)
+                cell = f"{b.relay_channels} ch, {b.relay_channels * per_channel} neurons" if b.relay_channels else ""
+                neurons += int(row[3])
+                relay_neurons += b.relay_channels * per_channel
+                synapses += int(row[4]) - b.relay_synapses
+                relay_synapses += b.relay_synapses
+            rows[r] = row + (cell,)
+        footer = (f"\nrelay channels (skip paths carried along): {relay_neurons} neurons (+"
+                  f"{100 * relay_neurons / max(neurons - relay_neurons, 1):.1f} % of the model's "
+                  f"{neurons - relay_neurons}), {relay_synapses} synapses (+{100 * relay_synapses / max(synapses, 1):.1f} % "
+                  f"of the model's {synapses})")
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows) + footer
 
 
 def build_parser() -> argparse.ArgumentParser:

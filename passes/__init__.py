@@ -12,6 +12,7 @@ from fxlava.passes.fuse_blocks import fuse_blocks
 from fxlava.passes.insert_layout import insert_layout
 from fxlava.passes.lower_adaptive_pools import lower_adaptive_pools
 from fxlava.passes.lower_module_subclasses import lower_module_subclasses
+from fxlava.passes.lower_residuals import lower_residuals
 from fxlava.passes.maxpool_to_or import maxpool_to_or
 from fxlava.passes.reject_bias import reject_bias
 from fxlava.passes.remove_identities import remove_identities
@@ -28,6 +29,7 @@ DEFAULT_PASSES = (
     Pass("avgpool_to_sumpool", avgpool_to_sumpool, avgpool_to_sumpool.check),
     Pass("substitute_neurons", substitute_neurons, substitute_neurons.check),
     Pass("maxpool_to_or", maxpool_to_or, maxpool_to_or.check),
+    Pass("lower_residuals", lower_residuals, lower_residuals.check),
     Pass("fuse_blocks", fuse_blocks),
     Pass("coscale_layers", coscale_layers),
     Pass("insert_layout", insert_layout),

@@ -49,10 +49,20 @@ def _identity_types() -> tuple:
     return IDENTITIES + (layer.Dropout,)
 
 
+def _is_residual_add(node: fx.Node) -> bool:
+    """An addition of currents into a neuron's input (Spiking ResNet's ``out += identity``): lower_residuals makes
+    both addends one layer's synapse, so a bias on either is that layer's bias current."""
+    import operator
+
+    import torch
+
+    return node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add) and not node.kwargs
+
+
 def _skip(gm: fx.GraphModule, node: fx.Node, types: tuple) -> Optional[fx.Node]:
-    """The next node after ``node``, stepping over single-user modules of ``types``."""
+    """The next node after ``node``, stepping over single-user modules of ``types`` and residual additions."""
     user = next_module_node(node)
-    while user is not None and isinstance(module_of(gm, user), types):
+    while user is not None and (isinstance(module_of(gm, user), types) or _is_residual_add(user)):
         user = next_module_node(user)
     return user
 

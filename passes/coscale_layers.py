@@ -34,7 +34,9 @@ grid. Leaky neurons truncate their voltage to 1/4096 each step, so no threshold 
 1/4096 in the scaled units (1/(4096 s) in the model's).
 
 Not scaled: pooling layers (the fixed ones weights of a sum pool or an OR layer, already exact),
-``lava_exchange.CubaLIFNode`` layers (already Loihi's fixed-point neuron, kept bit for bit), and
+``lava_exchange.CubaLIFNode`` layers (already Loihi's fixed-point neuron, kept bit for bit), layers that
+carry a skip path as relay channels (``lower_residuals``: a relay's weight, 254/64, must stay above the
+threshold), and
 every layer with ``fxlava.compile(model, x, coscale=False)``, which compiles as without this pass.
 
 Every layer's outcome is recorded: the factor and what bounded it, the threshold mantissa,
@@ -218,6 +220,8 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
             scale, limit = 1.0, f"off ({OPTION}=False)"
         elif not block.synapse.weight.requires_grad or block.kind in ("sumpool", "maxpool"):
             scale, limit = 1.0, "fixed pooling weights, exact as they are"
+        elif getattr(block, "relay_channels", 0):
+            scale, limit = 1.0, "carries relay channels (lower_residuals), whose weight stays above the threshold"
         elif not node.meta.get("fxlava_fires_at_threshold", False):
             scale, limit = 1.0, "fixed-point neuron, kept bit for bit"
         elif given is not None:

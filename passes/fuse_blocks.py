@@ -42,7 +42,8 @@ def _lowered(m) -> bool:
 def fuse_blocks(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Fuse each synapse with the neuron after it into a block; turn flattens into flatten blocks."""
     branch_issues, branched = chain_issues(gm)
-    ctx.refuse(branch_issues)
+    # a fork left for a merge an earlier pass refused (lower_residuals) is that merge's problem
+    ctx.refuse([i for i in branch_issues if i.fx_node is None or not ctx.is_settled(i.fx_node)])
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and not ctx.is_settled(n)]
     # what no pass lowered, by the target's fix for its kind, also inside a branch (only the merges
     # are the branch's own problem); refused first, so that what merely lacks its partner next to
@@ -65,9 +66,13 @@ def fuse_blocks(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
                 ctx.refuse(node, REASON, FIX_OPT_IN, module=m)
                 ctx.leave(user, because=node)
                 continue
+            residual = user.meta.get("fxlava_residual", {})  # a layer lower_residuals made: paths and relays
             source = tuple(p for p in (node.meta.get("fxlava_merged_pool"), path_of(node), path_of(user)) if p)
             try:
-                block = SynapseBlock(m, module_of(gm, user), kind=node.meta.get("fxlava_kind", ""), source=source)
+                block = SynapseBlock(m, module_of(gm, user), kind=node.meta.get("fxlava_kind", ""),
+                                     source=residual.get("sources", source),
+                                     relay_channels=residual.get("relay_channels", 0),
+                                     relay_synapses=residual.get("relay_synapses", 0))
             except ValueError as exc:  # a bias that cannot be a Loihi bias current
                 ctx.refuse(node, f"a synapse whose bias cannot be the bias current of {path_of(user)}",
                            f"{exc}; remove the bias, or change the neuron or scale", module=m)

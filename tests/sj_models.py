@@ -145,9 +145,9 @@ MODELS = {
         ["synapse with a bias", "recurrent container"], False),
     "model.spiking_resnet.spiking_resnet18": (
         lambda: multi_step(sj("model.spiking_resnet").spiking_resnet18(spiking_neuron=neuron.IFNode, num_classes=10)),
-        lambda: spikes(1, 1, 3, 32, 32), ["a residual connection", "synapse with a bias"], False),
+        lambda: spikes(1, 1, 3, 32, 32), "compiles", False),
     "model.sew_resnet.sew_resnet18": (
         lambda: multi_step(sj("model.sew_resnet").sew_resnet18(spiking_neuron=neuron.IFNode, num_classes=10,
                                                                 cnf="ADD")),
-        lambda: spikes(1, 1, 3, 32, 32), ["a residual connection", "synapse with a bias"], False),
+        lambda: spikes(1, 1, 3, 32, 32), "compiles", False),
 }

@@ -26,6 +26,11 @@ class Residual(nn.Module):
         return self.sn(self.conv(x)) + x
 
 
+class _SewAnd(Residual):
+    def forward(self, x):
+        return self.sn(self.conv(x)) * x
+
+
 CASES = [
     ("two biased layers",
      _seq(layer.Conv2d(1, 2, 3, bias=True), neuron.IFNode(), layer.Flatten(), layer.Linear(72, 3), neuron.IFNode()),
@@ -43,11 +48,10 @@ CASES = [
     ("unsupported neuron",
      _seq(layer.Flatten(), layer.Linear(64, 3, bias=False), neuron.QIFNode()),
      r"(?s)neuron with no Loihi CUBA equivalent \(QIFNode: .*quadratic.*\).*- 2 "),
-    ("residual branch", Residual(),
-     r"(?s)a residual connection \(a branch merged again by an add\): netx runs only a straight chain of layers:"
-     r"\n  - <x>\n      fix: the output of the input x feeds 2 "
-     r"paths, merged again by add\(\) \(at .*test_failcases.py:\d+: return self.sn\(self.conv\(x\)\) \+ x\):"
-     r"\n +path 1: conv -> sn \(at .*test_failcases.py.*\n +path 2: the fork's output itself"),
+    ("SEW's AND merge", _SewAnd(),
+     r"(?s)a merge by mul\(\), which is not linear in the spikes \(SEW's AND is x \* y, IAND x \* \(1 - y\)\).*"
+     r"\n  - <mul> \(function mul\)\n      at .*test_failcases.py:\d+: return self.sn\(self.conv\(x\)\) \* x"
+     r"\n      fix: merge the paths with an addition"),
     ("everything at once",
      _seq(layer.Conv2d(1, 2, 3, bias=True), neuron.IFNode(v_reset=None), nn.ReLU(), layer.Flatten(),
           layer.Linear(72, 3, bias=True), neuron.IFNode()),
@@ -275,9 +279,8 @@ NEURON_BN_CASES = [
      r"(?s)normalisation with no fixed per-channel scale \(LayerNorm\).*\n  - 2.0 \(.*LayerNorm\).*fix: remove it"),
     ("branch into two neurons",
      _TwoHeads(),
-     r"(?s)a branch: netx runs only a straight chain of layers:\n  - conv \(.*Conv2d\)\n      at .*y = self.conv\(x\)"
-     r"\n      fix: the output of conv feeds 2 paths, merged again by mul\(\) \(at .*return self.a\(y\) \* self.b\(y\)\):"
-     r"\n +path 1: a \(at .*\n +path 2: b \(at .*\n +Rewrite the model as a single chain"),
+     r"(?s)a merge by mul\(\), which is not linear in the spikes.*\n  - <mul> \(function mul\)"
+     r"\n      at .*return self.a\(y\) \* self.b\(y\)\n      fix: merge the paths with an addition"),
     ("all at once, grouped by reason, in model order",
      _seq(layer.Conv2d(1, 2, 3, bias=False), _bn(layer.BatchNorm2d(2), mean=1.0), neuron.QIFNode(),
           layer.Conv2d(2, 2, 3, bias=False), neuron.LIFNode(v_reset=None), layer.Flatten(),
@@ -298,8 +301,15 @@ def test_neuron_or_norm_refused_with_clear_message(name, model, pattern):
 
 
 def test_error_lists_each_issue_with_path_and_source_line():
-    with pytest.raises(fxlava.UnsupportedModelError) as info:
-        fxlava.compile(Residual(), X)
+    """Without lower_residuals, fuse_blocks names the branch: its fork, both paths and the merge, in one item."""
+    pipeline = fxlava.default_pipeline().remove("lower_residuals")
+    with pytest.raises(fxlava.UnsupportedModelError,
+                       match=r"(?s)a residual connection \(a branch merged again by an add\): netx runs only a straight chain "
+                             r"of layers:\n  - <x>\n      fix: the output "
+                             r"of the input x feeds 2 paths, merged again by add\(\) \(at .*test_failcases.py:\d+: "
+                             r"return self.sn\(self.conv\(x\)\) \+ x\):\n +path 1: conv -> sn \(at "
+                             r".*test_failcases.py.*\n +path 2: the fork's output itself") as info:
+        fxlava.compile(Residual(), X, pipeline=pipeline)
     text = str(info.value)
     assert "test_failcases.py" in text and "return self.sn(self.conv(x)) + x" in text
     assert len(info.value.issues) == 1  # one branch: its fork, both paths and the merge in one item

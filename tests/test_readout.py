@@ -60,11 +60,19 @@ def test_no_tail_means_identity_readout():
     assert net.readout(y) is y and not net.readout.ops
 
 
-def test_a_trailing_synapse_is_not_a_readout():
-    model = nn.Sequential(layer.Linear(20, 10, bias=False), neuron.IFNode(), layer.Linear(10, 3, bias=False))
+def test_a_trailing_head_without_a_neuron_runs_on_the_host():
+    """A classification head after the last spiking layer (SpikingJelly's ResNets end in fc) is net.readout."""
+    model = nn.Sequential(layer.Linear(20, 10, bias=False), neuron.IFNode(), layer.Linear(10, 3, bias=True))
     functional.set_step_mode(model, "m")
-    with pytest.raises(fxlava.UnsupportedModelError, match=r"- 2 \(.*Linear\)"):
-        fxlava.compile(model, _x())
+    x = _x()
+    net = fxlava.compile(model, x)
+    assert [b.kind for b in net.blocks] == ["dense"]
+    assert net.readout.ops == ("2 (Linear)",)
+    assert any("runs on the host" in message and "2 (Linear)" in message for _, message in net.records)
+    y = net(x)
+    assert y.shape[-1] == 10 and y.sum() > 0
+    with torch.no_grad():
+        assert torch.equal(net.readout(y), model[2](y))  # the model's own head, in float, on the output spikes
 
 
 def test_encoding_inside_forward_is_named_with_a_fix():

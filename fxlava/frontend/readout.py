@@ -1,4 +1,4 @@
-"""Readout: the parameter-free ops after the last spiking layer, cut off the graph and run on the host."""
+"""Readout: the ops after the last spiking layer (a rate, a classification head without a neuron), run on the host."""
 from __future__ import annotations
 
 import copy
@@ -18,7 +18,7 @@ __all__ = ["Readout", "split_readout", "output_issues"]
 
 
 class Readout(nn.Module):
-    """The model's parameter-free ops after its last spiking layer (a firing-rate mean, a VotingLayer...).
+    """The model's ops after its last spiking layer (a firing-rate mean, a VotingLayer, a head without a neuron).
 
     They read the output spikes; they are not part of the network that runs on Loihi, so fxlava
     runs them on the host: ``net.readout(spikes)`` takes ``[T, N, *]`` output spikes (of ``net(x)``
@@ -32,8 +32,12 @@ class Readout(nn.Module):
         self.step_mode = step_mode
         self.ops = tuple(ops)  # a description of each op, for tables and records
         self.after = after  # path of the last spiking layer, whose output the readout reads
+        # a residual merge feeding the output, summing channel groups of the output spikes (lower_residuals)
+        self.merge: Optional[nn.Module] = None
 
     def forward(self, spikes: torch.Tensor):
+        if self.merge is not None:
+            spikes = self.merge(spikes)
         if self.graph_module is None:
             return spikes
         if self.step_mode == "m":
@@ -66,19 +70,46 @@ def _compiles_after_spikes(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and _FUNCTIONAL_MODULES.get(node.target) in (_max_pool2d, _dropout)
 
 
-def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
-    """Cut the parameter-free ops after the last spiking layer off ``gm0`` into a ``Readout``.
+def _is_add(node: fx.Node) -> bool:
+    import operator
 
-    Only a tail that reads nothing but the last spiking layer's output, and holds no parameters,
-    buffers or state, is cut; anything else stays in the graph (and is compiled or refused).
+    return node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)
+
+
+def _host_module(m: nn.Module) -> bool:
+    """A module the readout may run on the host: torch's or SpikingJelly's own stateless layers, not a user's
+    class (a hand-written neuron, a subclass with its own forward), which the passes name instead."""
+    if _is_stateful(m):
+        return False
+    if type(m).__module__.startswith(("torch.nn.", "spikingjelly.activation_based.layer")):
+        return True
+    return not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())
+
+
+def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
+    """Cut the ops after the last spiking layer off ``gm0`` into a ``Readout``.
+
+    Only a tail that reads nothing but one node (the last spiking layer's output, or a merge of
+    spikes) and holds no state is cut: parameter-free ops (a rate, a VotingLayer) and a trailing
+    classification head without a neuron (SpikingJelly's ResNets end in avgpool -> flatten -> fc),
+    which runs on the host in float. Anything else stays in the graph (and is compiled or refused).
     """
     nodes = list(gm0.graph.nodes)
     output = nodes[-1]
     spiking = [i for i, n in enumerate(nodes) if _is_spiking_node(gm0, n)]
     if not spiking or not isinstance(output.args[0], fx.Node):
         return None
-    last = nodes[spiking[-1]]
-    tail = nodes[spiking[-1] + 1:-1]
+    # the longest run of nodes after the last spiking layer that reads a single node from before it (the
+    # last spiking layer, or a residual merge of spikes, which lower_residuals lowers)
+    for start in range(spiking[-1] + 1, len(nodes) - 1):
+        tail = nodes[start:-1]
+        inside = set(tail)
+        outside = {a for n in tail for a in n.all_input_nodes if a not in inside}
+        if len(outside) == 1 and (_is_spiking_node(gm0, next(iter(outside))) or _is_add(next(iter(outside)))):
+            (last,) = outside
+            break
+    else:
+        return None
     # max pools (and dropout) of the last spikes compile to Loihi layers: the readout starts after them
     # (and a folded time loop's stack([y]) is the spikes themselves, stacked over time)
     while tail and tail[0].all_input_nodes == [last] and (_compiles_after_spikes(gm0, tail[0])
@@ -90,10 +121,13 @@ def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
     for n in tail:
         if n.op in ("placeholder", "get_attr") or any(a not in inside for a in n.all_input_nodes):
             return None
-        if n.op == "call_module":
-            m = gm0.get_submodule(n.target)
-            if any(True for _ in m.parameters()) or any(True for _ in m.buffers()) or _is_stateful(m):
-                return None
+        if n.op == "call_module" and not _host_module(gm0.get_submodule(n.target)):
+            return None
+    weighted = [n for n in tail if n.op == "call_module" and any(True for _ in gm0.get_submodule(n.target).parameters())]
+    out = output.args[0]
+    if weighted and not (out.op == "call_module" and _host_module(gm0.get_submodule(out.target))
+                         and any(True for _ in gm0.get_submodule(out.target).parameters())):
+        return None  # a head with weights must be what the model returns (its fc), not feed more arithmetic
     graph = fx.Graph()
     env = {last: graph.placeholder("spikes")}
     for n in tail:
