@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional, layer, neuron
 
+from tests.zoo._lively import grid_weights
+
 
 EXPECT = {"blocks": ["conv", "conv", "conv", "conv", "conv", "flatten", "dense"]}
 
@@ -63,9 +65,4 @@ def example_input(T=8, N=2):
 
 def build():
     """Seeded weights on lava-dl's grid, biased positive so that every layer fires (lively() takes minutes here)."""
-    model = build_model()
-    g = torch.Generator().manual_seed(SEED)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randint(-11, 15, p.shape, generator=g) / 32)
-    return model
+    return grid_weights(build_model(), SEED, -11, 15)
