@@ -10,26 +10,8 @@ import pytest
 
 import fxlava
 import fxlava.lava_runner as lava_runner
-from tests.processes import forks_of_this_process
+from tests.processes import LavaBar, forks_of_this_process
 from tests.test_lava_toolchain import CONV_INPUT, T, conv_net, spikes, written
-
-
-class _Bar:
-    """Stands in for tqdm inside the process that runs Lava; ``on_update`` runs after each sample."""
-
-    on_update = staticmethod(lambda: None)
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n):
-        type(self).on_update()
 
 
 @pytest.fixture
@@ -41,7 +23,7 @@ def no_strays():
 
 @pytest.mark.lava
 def test_a_run_over_its_time_budget_is_stopped_and_named(tmp_path, monkeypatch, no_strays):
-    class Hanging(_Bar):
+    class Hanging(LavaBar):
         on_update = staticmethod(lambda: time.sleep(3600))
 
     monkeypatch.setattr(lava_runner, "tqdm", Hanging)
@@ -66,7 +48,7 @@ def test_a_lava_worker_that_dies_is_named_with_its_layer(tmp_path, monkeypatch, 
                 if process is net.layers[0].synapse:
                     os.kill(worker.pid, signal.SIGKILL)
 
-    class Killing(_Bar):
+    class Killing(LavaBar):
         on_update = staticmethod(kill_the_conv_synapse)
 
     monkeypatch.setattr(lava_runner, "tqdm", Killing)

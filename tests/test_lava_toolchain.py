@@ -130,23 +130,16 @@ def test_lava_workers_are_stopped_when_a_run_fails(tmp_path, monkeypatch):
     import multiprocessing
 
     import fxlava.lava_runner as lava_runner
-    from tests.processes import forks_of_this_process
+    from tests.processes import LavaBar, forks_of_this_process
 
     counted = multiprocessing.Value("i", -1)  # written by the process that runs Lava
 
-    class FailingBar:
-        def __init__(self, *args, **kwargs):
-            pass
+    def count_and_fail():
+        counted.value = len(multiprocessing.active_children())
+        raise RuntimeError("interrupted after the first sample")
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def update(self, n):
-            counted.value = len(multiprocessing.active_children())
-            raise RuntimeError("interrupted after the first sample")
+    class FailingBar(LavaBar):
+        on_update = staticmethod(count_and_fail)
 
     monkeypatch.setattr(lava_runner, "tqdm", FailingBar)
     path = written(conv_net(), tmp_path, CONV_INPUT)
