@@ -15,6 +15,7 @@ from spikingjelly.activation_based import functional, lava_exchange, layer, neur
 
 import fxlava
 from fxlava.passes import default_pipeline
+from tests.zoo._lively import grid_weights
 
 THRESHOLD = 1 + 1 / 128  # vThMant 64: SpikingJelly's v >= th and Loihi's v > 64/64 agree on the 1/32 grid
 
@@ -26,11 +27,7 @@ def _seq(*mods):
 
 
 def _grid(model, seed=0, step=1 / 32):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randint(-20, 21, p.shape, generator=g) * step)
-    return model.eval()
+    return grid_weights(model, seed, -20, 21, step).eval()
 
 
 def _spikes(shape, seed, rate=0.4):

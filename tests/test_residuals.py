@@ -10,17 +10,14 @@ from spikingjelly.activation_based import functional, layer, neuron
 import fxlava
 from fxlava.passes import default_pipeline
 from tests.zoo import sew_resnet_small, spiking_resnet_small
+from tests.zoo._lively import grid_weights
 
 THRESHOLD = 1 + 1 / 128  # vThMant 64: SpikingJelly's v >= th and Loihi's v > 64/64 agree on the 1/32 grid
 
 
 def _grid(model, seed=0, step=1 / 32):
     """Weights on lava-dl's weight grid, so quantisation changes nothing and only the lowering is tested."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randint(-14, 21, p.shape, generator=g) * step)
-    return model.eval()
+    return grid_weights(model, seed, -14, 21, step).eval()
 
 
 def _spikes(shape, seed, rate=0.4):

@@ -16,6 +16,7 @@ import fxlava
 from fxlava import frontend
 from fxlava.neuron import CubaNeuron
 from fxlava.passes.maxpool_to_or import OR_THRESHOLD, OR_WEIGHT, or_neuron
+from tests.zoo._lively import grid_weights
 
 THRESHOLD = 1 + 1 / 128  # vThMant 64; see the module docstring
 
@@ -26,11 +27,7 @@ def _if(**kw):
 
 def _grid(model, seed=0, step=1 / 32):
     """Weights: random multiples of ``step`` (a multiple of 2/64), small enough to stay in the 8-bit range."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randint(-20, 21, p.shape, generator=g) * step)
-    return model.eval()  # the compiled network is the model in eval mode (no dropout)
+    return grid_weights(model, seed, -20, 21, step).eval()  # the compiled network is the model in eval mode (no dropout)
 
 
 def _seq(*mods, step_mode="m"):

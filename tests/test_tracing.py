@@ -17,6 +17,7 @@ from spikingjelly.activation_based import functional, layer, neuron
 
 import fxlava
 from fxlava import frontend
+from tests.zoo._lively import grid_weights
 
 THRESHOLD = 1 + 1 / 128
 
@@ -26,11 +27,7 @@ def _if(**kw):
 
 
 def _grid(model, seed=0, step=1 / 32):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randint(-20, 21, p.shape, generator=g) * step)
-    return model.eval()
+    return grid_weights(model, seed, -20, 21, step).eval()
 
 
 def _spikes(shape, rate=0.4, seed=1):

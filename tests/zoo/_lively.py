@@ -57,10 +57,10 @@ def lively(model: nn.Module, x: torch.Tensor, rate: float = 0.15, seed: int = 0,
     return model
 
 
-def grid_weights(model: nn.Module, seed: int, low: int, high: int) -> nn.Module:
-    """Every parameter drawn from {low, ..., high - 1} / 32, seeded: on lava-dl's grid, without lively()'s search."""
+def grid_weights(model: nn.Module, seed: int, low: int, high: int, step: float = 1 / 32) -> nn.Module:
+    """Every parameter drawn from {low, ..., high - 1} * step, seeded: on lava-dl's grid, without lively()'s search."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randint(low, high, p.shape, generator=g) / 32)
+            p.copy_(torch.randint(low, high, p.shape, generator=g) * step)
     return model
