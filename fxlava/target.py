@@ -84,37 +84,25 @@ VOLTAGE_MIN = -VOLTAGE_MAX
 
 
 class _RoundSTE(torch.autograd.Function):
-    """Round to the weight grid; the gradient passes straight through (as slayer's quantize does)."""
+    """Round to multiples of ``step``; the gradient passes straight through (as slayer's quantize does)."""
 
     @staticmethod
-    def forward(ctx, w):
-        return torch.round(w / WEIGHT_STEP) * WEIGHT_STEP
+    def forward(ctx, x, step):
+        return torch.round(x / step) * step
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None
 
 
 def quantize_weight(w: torch.Tensor) -> torch.Tensor:
     """The weights Loihi runs: rounded to multiples of 2/64 and clipped, exactly as lava-dl does."""
-    return _RoundSTE.apply(w).clamp(WEIGHT_MIN, WEIGHT_MAX)
-
-
-class _RoundBiasSTE(torch.autograd.Function):
-    """Round to the bias grid (1/64); the gradient passes straight through."""
-
-    @staticmethod
-    def forward(ctx, b):
-        return torch.round(b / BIAS_STEP) * BIAS_STEP
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
+    return _RoundSTE.apply(w, WEIGHT_STEP).clamp(WEIGHT_MIN, WEIGHT_MAX)
 
 
 def quantize_bias(b: torch.Tensor) -> torch.Tensor:
     """The bias Loihi adds: rounded (half to even) to multiples of 1/64, clipped to the 13-bit mantissa."""
-    return _RoundBiasSTE.apply(b).clamp(BIAS_MIN, BIAS_MAX)
+    return _RoundSTE.apply(b, BIAS_STEP).clamp(BIAS_MIN, BIAS_MAX)
 
 
 def bias_mantissa(b: torch.Tensor) -> torch.Tensor:
