@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxlava-compile", description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", help="path/to/file.py:name or package.module:name (an nn.Module or a "
                                             "callable returning one)")
-    p.add_argument("--input-shape", help="T,N,C,H,W (or T,N,F): the example input, SpikingJelly multi-step layout")
+    p.add_argument("--input-shape", help="T,N,C,H,W (or T,N,F): the example input, SpikingJelly multi-step layout; "
+                                         "N,C,H,W for a model whose forward() repeats its input over time (its "
+                                         "ops up to the first spiking layer run on the host: net.encoder)")
     p.add_argument("-o", "--output", help="netx file to write")
     p.add_argument("--weights", help="state dict saved with torch.save")
     p.add_argument("--verify", type=int, nargs="?", const=3, default=0, metavar="K",
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "compare every spike with lava-dl; exits 1 on any mismatch")
     p.add_argument("--verify-data", metavar="FILE",
                    help="a dataset of spike inputs, .npy or .pt, [N, *, T] in lava-dl layout (batch first, time "
-                        "last): run all of them through the written file with fxlava.load_netx (Lava's fixed-point "
+                        "last), or of the model's own inputs [N, *] when it has an encoder: run all of them through the written file with fxlava.load_netx (Lava's fixed-point "
                         "arithmetic, batched) and compare with lava-dl, and K of them (--verify K, default 3) in "
                         "Lava itself; exits 1 on any mismatch")
     p.add_argument("--batch", type=int, default=256, help="batch size of --verify-data (default 256)")
@@ -178,6 +180,9 @@ def run(args) -> int:
     print(pipeline)
     print()
     print(layer_table(net))
+    if net.encoder is not None:
+        print(f"\nencoder of the input, run on the host (net.encoder), up to {net.encoder.until}: "
+              + ", ".join(net.encoder.ops))
     if net.readout.ops:
         print(f"\nreadout of the output spikes, run on the host (net.readout), after {net.readout.after}: "
               + ", ".join(net.readout.ops))
@@ -186,8 +191,10 @@ def run(args) -> int:
     if args.verify_data:
         return verify_data(net, args.output, args.verify_data, lava_samples=args.verify or 3, batch=args.batch)
     if args.verify:
-        xs = (torch.rand(shape[0], args.verify, *shape[2:], generator=g) < args.rate).float()
-        xin = fxlava.TNX_to_NXT(xs)
+        if net.encoder is not None:  # the model's own inputs, made into spikes on the host
+            xin = _encoded(net, torch.rand(args.verify, *shape[1:], generator=g))
+        else:
+            xin = fxlava.TNX_to_NXT((torch.rand(shape[0], args.verify, *shape[2:], generator=g) < args.rate).float())
         with torch.no_grad():
             expected = net.lava_dl(xin)
         got = fxlava.run_lava(args.output, xin, progress=True)
@@ -216,6 +223,14 @@ def load_spikes(path: str) -> torch.Tensor:
     return data.float()
 
 
+def _encoded(net: fxlava.CompiledNetwork, x: torch.Tensor) -> torch.Tensor:
+    """The spikes [N, *, T] that the netx file takes: ``x`` itself, or what ``net.encoder`` makes of the model's inputs."""
+    if net.encoder is None:
+        return x
+    with torch.no_grad():
+        return fxlava.TNX_to_NXT(net.encoder(x))
+
+
 def verify_data(net: fxlava.CompiledNetwork, netx_path: str, data_path: str, *, lava_samples: int = 3,
                 batch: int = 256) -> int:
     """Run a whole dataset through netx file ``netx_path`` with the executor, ``lava_samples`` of it in Lava; compare with lava-dl."""
@@ -225,12 +240,18 @@ def verify_data(net: fxlava.CompiledNetwork, netx_path: str, data_path: str, *, 
 
     x = load_spikes(data_path)
     expected = tuple(net.input_shape)
-    if x.dim() < 3 or tuple(x.shape[1:-1]) != expected:
+    if net.encoder is not None and tuple(x.shape[1:]) == net.encoder.input_shape:
+        encode = True  # the model's own inputs: net.encoder makes their spikes, batch by batch
+    elif x.dim() < 3 or tuple(x.shape[1:-1]) != expected:
         hint = ""
         if x.dim() >= 3 and tuple(x.shape[2:]) == expected:
             hint = " (it looks like SpikingJelly's [T, N, *]: permute it with fxlava.TNX_to_NXT)"
+        if net.encoder is not None:
+            hint += f" or the model's inputs [N, {', '.join(map(str, net.encoder.input_shape))}]"
         raise SystemExit(f"fxlava-compile: {data_path} has shape {tuple(x.shape)}; expected [N, {', '.join(map(str, expected))}, T] "
                          f"in lava-dl layout{hint}")
+    else:
+        encode = False
     if batch < 1:
         raise SystemExit("fxlava-compile: --batch must be >= 1")
     executor = fxlava.load_netx(netx_path)
@@ -240,7 +261,7 @@ def verify_data(net: fxlava.CompiledNetwork, netx_path: str, data_path: str, *, 
     t0 = time.perf_counter()
     with torch.no_grad():
         for start in tqdm(range(0, n, batch), desc="netx", unit="batch"):
-            xb = x[start:start + batch]
+            xb = _encoded(net, x[start:start + batch]) if encode else x[start:start + batch]
             same = executor(xb) == lava_dl(xb)
             same_samples += int(same.flatten(1).all(1).sum())
             equal += int(same.sum())
@@ -251,7 +272,7 @@ def verify_data(net: fxlava.CompiledNetwork, netx_path: str, data_path: str, *, 
     status = 0 if same_samples == n else 1
     k = min(lava_samples, n)
     if k > 0:
-        xs = x[:k]
+        xs = _encoded(net, x[:k]) if encode else x[:k]
         with torch.no_grad():
             ladl = lava_dl(xs)
         got = fxlava.run_lava(netx_path, xs, progress=True)

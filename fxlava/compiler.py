@@ -89,9 +89,12 @@ class CompiledNetwork(nn.Module):
     """The compiled network: ``graph_module`` on the SpikingJelly side, ``lava_dl`` and ``export_hdf5`` for Lava."""
 
     def __init__(self, graph_module: fx.GraphModule, ctx: CompileContext, pipeline: Pipeline,
-                 readout: Optional[nn.Module] = None):
+                 readout: Optional[nn.Module] = None, encoder: Optional[nn.Module] = None):
         super().__init__()
         self.graph_module = graph_module
+        # the model's ops before its first spiking layer, when forward() repeats a static input over time:
+        # net.encoder(x) gives the [T, N, *] spikes that net(), lava-dl and the netx file take (None: x is spikes)
+        self.encoder = encoder
         # parameter-free ops the model applies to its output spikes (identity if there are none)
         self.readout = readout if readout is not None else frontend.Readout(step_mode=ctx.step_mode)
         self.pipeline = pipeline
@@ -170,6 +173,10 @@ def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pi
             **options) -> CompiledNetwork:
     """Compile a SpikingJelly model for Loihi; ``example_input`` is [T, N, *] spikes.
 
+    A multi-step model whose forward() repeats a static input over time takes that input instead
+    (e.g. images [N, C, H, W]): its ops up to the first spiking layer become ``net.encoder``, run on
+    the host, and the compiled network takes their spikes (option ``encoder``).
+
     ``options`` are the fields of ``fxlava.options.CompileOptions`` (an unknown one raises TypeError).
     Raises one ``UnsupportedModelError`` listing every problem the passes found, in model order.
     """
@@ -178,11 +185,18 @@ def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pi
     opts = CompileOptions.from_kwargs(**options)
     pipeline = default_pipeline() if pipeline is None else pipeline
     pipeline, opts = _with_bias_option(pipeline, opts)
-    gm, step_mode = frontend.trace(model, example_input)
+    gm, step_mode = frontend.trace(model, example_input, host_encoder=opts.encoder == "host")
+    encoder = gm.meta["fxlava_encoder"]
+    example_input = gm.meta["fxlava_example"]  # the encoder's spikes, when there is one
     ctx = CompileContext(example_input=example_input, step_mode=step_mode,
                          input_shape=tuple(example_input.shape[2:]), options=opts)
     ctx.record("trace", f"{type(model).__name__} traced in step mode '{step_mode}', "
                         f"{sum(1 for n in gm.graph.nodes if n.op == 'call_module')} modules")
+    if encoder is not None:
+        ctx.record("trace", f"forward() makes the time axis from its input: its ops up to {encoder.until} run on the "
+                            f"host, not on Loihi (net.encoder; Loihi's input layer takes spikes): "
+                            f"{', '.join(encoder.ops)}; the compiled network takes their spikes "
+                            f"{list(example_input.shape)}")
     readout = gm.meta["fxlava_readout"]
     if readout.ops:
         ctx.record("trace", f"readout after {readout.after} runs on the host, not on Loihi "
@@ -208,7 +222,7 @@ def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pi
         if len(grouped) == len(exc.issues):
             raise
         raise UnsupportedModelError(grouped) from exc
-    net = CompiledNetwork(gm, ctx, pipeline, readout)
+    net = CompiledNetwork(gm, ctx, pipeline, readout, encoder)
     floor = net.voltage_floor_steps
     if floor is not None and floor < example_input.shape[0]:
         message = (f"Lava clips voltages at about -2048, lava-dl does not: with inputs longer than {floor} steps "

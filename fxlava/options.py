@@ -50,6 +50,11 @@ class CompileOptions:
         flag=("--no-coscale", dict(action="store_false",
                                    help="keep every layer's weights and threshold as the model has them "
                                         "(no co-scaling; fxlava.passes.coscale_layers)")))
+    encoder: str = _option(
+        "host", ("host", "refuse"),
+        "a multi-step forward() that repeats a static input over time (SpikingJelly's image encoding): 'host' runs "
+        "its ops up to the first spiking layer on the host (net.encoder) and compiles the rest from that layer's "
+        "spikes; 'refuse' refuses those ops")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

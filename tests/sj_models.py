@@ -138,6 +138,9 @@ MODELS = {
     "examples.conv_fashion_mnist.CSNN.conv_fc": (
         lambda: multi_step(sj("examples.conv_fashion_mnist").CSNN(T=T, channels=4)).conv_fc,
         lambda: spikes(T, N, 1, 28, 28), "compiles", True),
+    "examples.conv_fashion_mnist.CSNN": (  # repeats a static image over time: its encoder runs on the host
+        lambda: sj("examples.conv_fashion_mnist").CSNN(T=T, channels=4).eval(),
+        lambda: torch.rand(N, 1, 28, 28, generator=torch.Generator().manual_seed(0)), "compiles", False),
     "examples.rsnn_sequential_fmnist.PlainNet": (lambda: multi_step(sj("examples.rsnn_sequential_fmnist").PlainNet()),
                                                  lambda: spikes(T, N, 28), ["synapse with a bias"], True),
     "examples.rsnn_sequential_fmnist.FeedBackNet": (

@@ -22,6 +22,12 @@ MODEL = textwrap.dedent('''
         def forward(self, x):
             return self.s2(self.f(self.s1(self.c(x)).flatten(2)))
 
+    class ImageNet(Net):
+        """Takes static images [N, 1, 8, 8] and repeats them over time itself, as SpikingJelly's CSNN does."""
+
+        def forward(self, x):
+            return super().forward(x.unsqueeze(0).repeat(4, 1, 1, 1, 1)).mean(0)
+
     def biased():
         return Net(bias=True)
 
@@ -139,6 +145,20 @@ def test_verify_data_runs_a_dataset_through_the_executor_and_some_in_lava(model_
              "--verify", "2", "--batch", "16", cwd=model_dir)
     assert r.returncode == 0, r.stderr
     assert "verify-data: 40/40 samples of data.npy equal to lava-dl on every output spike" in r.stdout
+    assert "verify-data: 2/2 of them in Lava equal to lava-dl" in r.stdout
+
+
+@pytest.mark.lava
+def test_a_model_that_takes_images_verifies_from_its_encoders_spikes(model_dir):
+    import numpy as np
+
+    np.save(model_dir / "images.npy", np.random.default_rng(0).random((24, 1, 8, 8)).astype(np.float32))
+    r = _run("usermodel.py:ImageNet", "--input-shape", "2,1,8,8", "-o", "out.net", "--verify-data", "images.npy",
+             "--verify", "2", cwd=model_dir)
+    assert r.returncode == 0, r.stderr
+    assert "encoder of the input, run on the host (net.encoder), up to s1: .unsqueeze(), .repeat(), c (Conv2d)" \
+        in r.stdout
+    assert "verify-data: 24/24 samples of images.npy equal to lava-dl on every output spike" in r.stdout
     assert "verify-data: 2/2 of them in Lava equal to lava-dl" in r.stdout
 
 

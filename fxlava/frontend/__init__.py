@@ -7,6 +7,8 @@ The stages, one file each, in the order ``trace`` runs them:
 * ``tracer.py``: torch.fx tracing of a copy of the model, SpikingJelly's modules kept as leaves;
 * ``time_loop.py``: a forward() that runs single-step modules once per step and stacks the outputs,
   folded into one step;
+* ``encoder.py``: a forward() that repeats a static input over time itself: the ops up to its
+  first spiking layer cut off into an ``Encoder`` that runs on the host;
 * ``readout.py``: the parameter-free ops after the last spiking layer, cut off into a ``Readout``
   that runs on the host;
 * ``canonical.py``: the canonical form the built-in passes read.
@@ -45,6 +47,7 @@ import torch.nn as nn
 from fxlava.chain import chain_issues
 from fxlava.errors import FxlavaError, Issue, UnsupportedModelError, _source_line
 from fxlava.frontend.canonical import _Canonicalizer, _fill_shapes
+from fxlava.frontend.encoder import Encoder, split_encoder
 from fxlava.frontend.readout import Readout, output_issues, split_readout
 from fxlava.frontend.step_modes import _set_single_step, detect_step_mode, reset_states, run_per_step
 from fxlava.frontend.time_loop import fold_time_loops
@@ -52,25 +55,28 @@ from fxlava.frontend.shapes import ShapeRunError, propagate_shapes
 from fxlava.frontend.tracer import SpikingTracer, UntraceableError
 
 __all__ = ["SpikingTracer", "trace", "detect_step_mode", "chain_issues", "output_issues", "run_per_step",
-           "reset_states", "Readout"]
+           "reset_states", "Readout", "Encoder"]
 
 log = logging.getLogger(__name__)
 
 
-def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[fx.GraphModule, str]:
+def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = True) -> tuple[fx.GraphModule, str]:
     """Trace a copy of ``model`` and return its canonical per-step GraphModule and the model's step mode.
 
     The user's model is never modified: tracing, shape propagation and every rewrite act on a
     deep copy, whose neuron states are reset before and after the example run.
+
+    A multi-step model whose forward() repeats a static input over time (``example_input`` is then
+    what forward() takes, e.g. images ``[N, C, H, W]``) has its ops up to the first spiking layer cut
+    off into ``gm.meta['fxlava_encoder']`` (``host_encoder=False`` leaves them, to be refused); the
+    graph then starts at that layer's spikes, and ``gm.meta['fxlava_example']`` holds them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxlava.compile expects a torch.nn.Module; got {type(model).__name__}")
-    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 3:
-        raise ValueError(
-            f"example_input must be a tensor of spikes shaped [T, N, *] (SpikingJelly's multi-step layout); "
-            f"got {tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input).__name__}"
-        )
     step_mode = detect_step_mode(model)
+    # [T, N, *] spikes; a multi-step forward() that repeats its input over time takes [N, *] (see split_encoder)
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < (2 if step_mode == "m" else 3):
+        raise _bad_example(example_input)
     root = copy.deepcopy(model).eval()
     T, N = example_input.shape[:2]
     gm0, loops = None, 0
@@ -89,6 +95,12 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[fx.GraphModule
         gm0 = _trace_and_run(model, root, x0, example_input, step_mode)
     else:
         step_mode = "m"  # the model takes the sequence, like a multi-step model
+    encoder = split_encoder(gm0, example_input) if host_encoder and step_mode == "m" and not loops else None
+    if encoder is not None:
+        encoder, example_input = encoder
+        T, N = example_input.shape[:2]
+    elif example_input.dim() < 3:
+        raise _bad_example(example_input)
     lead = 2 if step_mode == "m" else 1
     readout = split_readout(gm0, step_mode)
     canonicalizer = _Canonicalizer(gm0, root, lead, T, N, folded_loops=bool(loops))
@@ -108,8 +120,17 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[fx.GraphModule
     gm.meta["fxlava_dropped"] = list(canonicalizer.dropped)
     gm.meta["fxlava_time_loops"] = loops
     gm.meta["fxlava_readout"] = readout or Readout(step_mode=step_mode)
+    gm.meta["fxlava_encoder"] = encoder
+    gm.meta["fxlava_example"] = example_input
     return gm, step_mode
 
+
+
+def _bad_example(example_input) -> ValueError:
+    return ValueError(
+        f"example_input must be a tensor of spikes shaped [T, N, *] (SpikingJelly's multi-step layout), or what a "
+        f"multi-step forward() that repeats it over time takes; got "
+        f"{tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input).__name__}")
 
 
 def _trace_and_run(model: nn.Module, root: nn.Module, x0: torch.Tensor, example_input: torch.Tensor,
