@@ -76,7 +76,7 @@ def test_a_trailing_head_without_a_neuron_runs_on_the_host():
 
 
 def test_encoding_inside_forward_is_named_with_a_fix():
-    class Repeats(nn.Module):  # SpikingJelly's tutorial CSNN style: static images in, a rate out
+    class Repeats(nn.Module):  # static images in, a rate out, and no spiking layer after the encoder's
         def __init__(self):
             super().__init__()
             self.conv, self.sn = layer.Conv2d(1, 4, 3, bias=False), neuron.IFNode()

@@ -92,7 +92,12 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
             gm0, root = None, copy.deepcopy(model).eval()
     if gm0 is None:
         x0 = (example_input if step_mode == "m" else example_input[0]).to(torch.float32)
-        gm0 = _trace_and_run(model, root, x0, example_input, step_mode)
+        try:
+            gm0 = _trace_and_run(model, root, x0, example_input, step_mode)
+        except FxlavaError as exc:
+            if example_input.dim() < 3:  # neither [T, N, *] nor an input forward() takes
+                raise _bad_example(example_input) from exc
+            raise
     else:
         step_mode = "m"  # the model takes the sequence, like a multi-step model
     encoder = split_encoder(gm0, example_input) if host_encoder and step_mode == "m" and not loops else None

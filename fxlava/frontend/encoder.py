@@ -101,6 +101,8 @@ def split_encoder(gm0: fx.GraphModule, example_input: torch.Tensor) -> Optional[
         todo.extend(n.all_input_nodes)
     if not any(_adds_time(n) for n in prefix):
         return None
+    if not any(_is_spiking_node(gm0, n) for n in nodes[nodes.index(first) + 1:]):
+        return None  # nothing would be left for Loihi: the encoding stays, to be refused
     inside = prefix | {first, x}
     if any(u not in inside for n in prefix | {x} for u in n.users):
         return None  # the input or an inner value is read again after the first spiking layer
