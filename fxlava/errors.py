@@ -1,13 +1,14 @@
 """Typed errors. Each problem names the node, the module's path and type, the source line and a fix."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch.fx as fx
 
 __all__ = ["Issue", "FxlavaError", "UnsupportedModelError", "PassError", "LavaRunError", "QuantizationWarning",
-           "issue_at", "model_order", "in_model_order"]
+           "user_stacklevel", "issue_at", "model_order", "in_model_order"]
 
 
 @dataclass(frozen=True)
@@ -129,3 +130,20 @@ class LavaRunError(FxlavaError):
 
 class QuantizationWarning(UserWarning):
     """Loihi's fixed-point formats lose much of a layer (e.g. many weights round to zero); it still compiles."""
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the caller that names the user's line calling into fxlava.
+
+    The warning is attributed to the caller of the outermost fxlava frame on the stack (the user's
+    ``fxlava.compile(...)`` line, or the line calling a pass directly), however deep inside the
+    pipeline it is raised and whatever frames (decorators, a user's pass) lie in between: the same
+    aim as pandas' ``find_stack_level`` and Python 3.12's ``skip_file_prefixes``.
+    """
+    frame, level, outermost = sys._getframe(1), 1, 1
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if name == "fxlava" or name.startswith("fxlava."):
+            outermost = level
+        frame, level = frame.f_back, level + 1
+    return outermost + 1

@@ -59,7 +59,7 @@ import torch
 import torch.fx as fx
 
 from fxlava.blocks import SynapseBlock
-from fxlava.errors import Issue, QuantizationWarning, issue_at
+from fxlava.errors import Issue, QuantizationWarning, issue_at, user_stacklevel
 from fxlava.neuron import P_SCALE, S_SCALE, W_SCALE, CubaNeuron
 from fxlava.pass_manager import CompileContext, PassResult
 from fxlava.rewrite import module_of
@@ -299,5 +299,5 @@ def coscale_layers(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         if report.zero_share > ZERO_SHARE_WARNING:
             warnings.warn(f"{report.layer}: {report.zeroed} of {report.weights} weights ({report.zero_share:.0%}) "
                           f"round to zero on Loihi's 8-bit grid (scale x{report.scale:.4g}, {report.limit})",
-                          QuantizationWarning, stacklevel=2)
+                          QuantizationWarning, stacklevel=user_stacklevel())
     return PassResult(gm, changed)

@@ -5,6 +5,7 @@ lava-dl's grid and whose thresholds are whole multiples of 1/64, where SpikingJe
 ``v >= threshold`` and Loihi's ``v > threshold`` differ on many steps.
 """
 import copy
+import inspect
 import warnings
 
 import pytest
@@ -215,6 +216,19 @@ def test_many_zero_weights_warn_naming_the_layer():
     with pytest.warns(fxlava.QuantizationWarning, match=r"^1 -> 2: \d+ of 1536 weights"):
         fxlava.compile(model, _spikes(8, 4, 3, 4, 4))
     assert ZERO_SHARE_WARNING == 0.25
+
+
+def test_the_zero_weight_warning_names_the_users_compile_line():
+    model = _if_net()
+    with torch.no_grad():
+        model[1].weight.fill_(0.004)
+        model[1].weight[:, :2] = 3.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        fxlava.compile(model, _spikes(8, 4, 3, 4, 4))
+    (w,) = [w for w in caught if issubclass(w.category, fxlava.QuantizationWarning)]
+    assert (w.filename, w.lineno) == (__file__, line)
 
 
 def test_all_zero_layer_is_refused():
