@@ -171,7 +171,8 @@ def _with_bias_option(pipeline: Pipeline, opts: CompileOptions) -> tuple[Pipelin
 
 def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pipeline] = None,
             **options) -> CompiledNetwork:
-    """Compile a SpikingJelly model for Loihi; ``example_input`` is [T, N, *] spikes.
+    """Compile a SpikingJelly model for Loihi; ``example_input`` is [T, N, *] spikes (or [N, T, *] for a forward()
+    that transposes its input to [T, N, *] itself: the compiled network then takes [T, N, *]).
 
     A multi-step model whose forward() repeats a static input over time takes that input instead
     (e.g. images [N, C, H, W]): its ops up to the first spiking layer become ``net.encoder``, run on
@@ -205,9 +206,15 @@ def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pi
         ctx.record("trace", f"shape queries ({', '.join(sorted(set(gm.meta['fxlava_shape_queries'])))}) answered from "
                             f"the example input: the graph is specialised to rank {example_input.dim()} and "
                             f"T = {example_input.shape[0]}")
+    if gm.meta.get("fxlava_input_transposed"):
+        ctx.record("trace", f"forward() takes its input as [N, T, *] and transposes it to [T, N, *] itself: the "
+                            f"compiled network (net(x), net.lava_dl, the netx file) takes [T, N, *], "
+                            f"x.transpose(0, 1) of the model's input, here T = {example_input.shape[0]}")
     if gm.meta.get("fxlava_time_loops"):
-        ctx.record("trace", f"forward() loops over the {example_input.shape[0]} time steps calling single-step "
-                            f"modules: the loop is compiled as one step, run once per step")
+        step_mode_s = frontend.detect_step_mode(model) == "s"
+        ctx.record("trace", f"forward() loops over the {example_input.shape[0]} time steps calling "
+                            f"{'single-step ' if step_mode_s else ''}modules once per step: the loop is compiled "
+                            f"as one step, run once per step")
     if gm.meta.get("fxlava_dropped"):
         ctx.record("trace", f"identities in eval mode removed: {', '.join(gm.meta['fxlava_dropped'])}")
     # an output that no operation computes (neuron state, a constant, None, the input): no pass would see

@@ -98,6 +98,8 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
             if example_input.dim() < 3:  # neither [T, N, *] nor an input forward() takes
                 raise _bad_example(example_input) from exc
             raise
+        if step_mode == "m":  # multi-step modules called once per step (on x[t:t+1]) and gathered
+            loops = fold_time_loops(gm0)
     else:
         step_mode = "m"  # the model takes the sequence, like a multi-step model
     encoder = split_encoder(gm0, example_input) if host_encoder and step_mode == "m" and not loops else None
@@ -112,6 +114,8 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
     graph = canonicalizer.run()
     if canonicalizer.issues:
         raise UnsupportedModelError(canonicalizer.issues)
+    if canonicalizer.input_transposed:  # forward() takes [N, T, *]: the compiled network takes [T, N, *]
+        example_input = example_input.transpose(0, 1)
     _set_single_step(root)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     gm.graph.eliminate_dead_code()  # shape queries (x.shape[0]) that only fed removed reshapes
@@ -124,6 +128,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
     gm.meta["fxlava_shape_queries"] = gm0.meta["fxlava_shape_queries"]
     gm.meta["fxlava_dropped"] = list(canonicalizer.dropped)
     gm.meta["fxlava_time_loops"] = loops
+    gm.meta["fxlava_input_transposed"] = canonicalizer.input_transposed
     gm.meta["fxlava_readout"] = readout or Readout(step_mode=step_mode)
     gm.meta["fxlava_encoder"] = encoder
     gm.meta["fxlava_example"] = example_input

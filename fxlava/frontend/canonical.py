@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 
 from fxlava.errors import Issue, issue_at
 from fxlava.rules import IDENTITIES
+from fxlava.target import ENCODING_OPS
+from fxlava.frontend.dims import dim_args, permutation
 from fxlava.frontend.shapes import ShapeRunError, propagate_shapes
 from fxlava.frontend.time_loop import is_step_select, is_step_stack
 from fxlava.frontend.step_modes import _container_types, _is_plain_sequential, _is_stateful, reset_states
@@ -63,6 +66,14 @@ def _scope(node: fx.Node) -> str:
     return paths[-1] if paths else ""
 
 
+def _first_tensor(node: fx.Node) -> Optional[fx.Node]:
+    """The op's first tensor input: ``x`` of ``f(x, ...)``, ``a`` of ``torch.cat([a, b])`` or ``cat(tensors=...)``."""
+    a = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("tensors"))
+    if isinstance(a, (list, tuple)) and a:
+        a = a[0]
+    return a if isinstance(a, fx.Node) else None
+
+
 def _shape(node) -> Optional[torch.Size]:
     tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return getattr(tm, "shape", None)
@@ -83,6 +94,7 @@ class _Canonicalizer:
         self.unit_shapes: dict[fx.Node, tuple] = {}  # per-sample shapes of the nodes between a unit-axes pair
         self.folded_loops = folded_loops  # fold_time_loops left x[0] ... stack([y]) in the graph
         self.dropped: list[str] = []  # Identity and Dropout modules, identities in eval mode
+        self.input_transposed = False  # forward() takes [N, T, *] and transposes it to [T, N, *] itself
 
     def _copy_meta(self, new: fx.Node, old: fx.Node, path: str, shape, lead: int):
         if "stack_trace" in old.meta:
@@ -183,6 +195,8 @@ class _Canonicalizer:
         if lead == 1 and self.input_lead == 2 and len(so) >= 2 and tuple(so[:2]) == (self.T, self.N) \
                 and tuple(so[2:]) == tuple(si[1:]) and si[0] == self.T * self.N:
             return ("identity", 2)  # [T*N, *] -> [T, N, *]
+        if lead == 1 and self.input_lead == 2 and tuple(so) == (1,) + tuple(si):
+            return ("identity", 2)  # [N, *] -> [1, N, *]: one time step, as a sequence of length 1
         if tuple(so[:lead]) == tuple(si[:lead]):
             if tuple(so) == tuple(si):
                 return ("identity", lead)
@@ -201,6 +215,88 @@ class _Canonicalizer:
             self.env[node] = self._emit_module(target, src, node, path, _shape(node), lead)
         self.lead[node] = lead
 
+    def _refuse(self, node: fx.Node, reason: str, fix: str) -> None:
+        self.issues.append(dataclasses.replace(issue_at(node, reason, fix), path=_scope(node)))
+
+    def _copy_per_step(self, node: fx.Node, lead: int) -> Optional[fx.Node]:
+        """Copy ``node`` into the per-step graph, its axis arguments moved to the per-step numbering.
+
+        Returns None (and refuses the node) for an op along the time or batch axis, which has no
+        per-step form.
+        """
+        arg0 = _first_tensor(node)
+        dims = dim_args(node, len(_shape(arg0))) if isinstance(arg0, fx.Node) and _shape(arg0) is not None else None
+        if dims is None:
+            return self.graph.node_copy(node, lambda n: self.env[n])
+        if dims.touches(lead) and dims.name in ENCODING_OPS:
+            return self.graph.node_copy(node, lambda n: self.env[n])  # the passes name it as an input encoding
+        if dims.touches(lead):
+            what = "time or batch axis" if lead == 2 else "batch axis"
+            self._refuse(node, f"{dims.name}() along the {what} (the compiled network runs one time step of each "
+                               f"sample at a time)",
+                         "act on the axes of one sample only (dim >= 2 on [T, N, *], or a negative dim), or "
+                         "do this on the host, before the network or after its last spiking layer")
+            self.env[node] = self.graph.node_copy(node, lambda n: self.env[n])
+            return None
+        new = self.graph.node_copy(node, lambda n: self.env[n])
+        if lead != 1:
+            args, kwargs = dims.shifted(lead)
+            new.args, new.kwargs = fx.map_arg(args, lambda n: self.env[n]), fx.map_arg(kwargs, lambda n: self.env[n])
+        return new
+
+    def _lower_permute(self, node: fx.Node, lead: int) -> bool:
+        """Layout-only permutations, dropped: the input's [N, T, *] -> [T, N, *], and a pair that cancels out.
+
+        A permute / transpose / movedim that only exchanges T and N of the model's input means forward()
+        takes [N, T, *]: the compiled network takes [T, N, *] (recorded). One that permutes the axes of a
+        sample, followed through elementwise modules (neurons, identities) by its inverse, changes
+        nothing those modules compute.
+        """
+        arg0 = node.args[0] if node.args else None
+        shape = _shape(arg0) if isinstance(arg0, fx.Node) else None
+        perm = permutation(node, len(shape) if shape is not None else None)
+        if perm is None or perm == list(range(len(perm))):
+            return False
+        rank = len(perm)
+        if perm[lead:] == list(range(lead, rank)):  # only T and N move
+            if lead == 2 and self._is_input(arg0) and not self.input_transposed:
+                self.input_transposed = True
+                self.T, self.N = self.N, self.T
+                self.env[node], self.lead[node] = self.env[arg0], lead
+                return True
+            self._refuse(node, "a transpose of the time and batch axes inside the network (SpikingJelly's "
+                               "multi-step modules after it would take the batch for time)",
+                         "transpose the input before the network (or once, at the start of forward()), or "
+                         "after its last spiking layer")
+            self.env[node], self.lead[node] = self.graph.node_copy(node, lambda n: self.env[n]), lead
+            return True
+        if perm[:lead] != list(range(lead)):
+            return False  # mixes T or N with a sample's axes: _copy_per_step refuses it
+        between, n = [], node
+        while len(n.users) == 1:
+            n = next(iter(n.users))
+            if n.op == "call_module" and (_is_stateful(self.modules[n.target]) or _is_identity(self.modules[n.target])):
+                between.append(n)
+                continue
+            back = permutation(n, rank) if n.args and n.args[0] is (between[-1] if between else node) else None
+            if back is not None and [perm[i] for i in back] == list(range(rank)):
+                self.unit_close.add(n)
+                before = tuple(shape[lead:])
+                self.unit_shapes.update((b, before) for b in between)
+                self.env[node], self.lead[node] = self.env[arg0], lead
+                return True
+            return False
+        return False
+
+    def _is_input(self, node: fx.Node) -> bool:
+        """The model's input, or a reshape of it that keeps its shape (``x.contiguous()``)."""
+        while node.op != "placeholder":
+            if node in self.env and self.env[node].op == "placeholder" and node.args:
+                node = node.args[0]
+                continue
+            return False
+        return True
+
     def run(self) -> fx.Graph:
         for node in self.gm0.graph.nodes:
             if node.op == "placeholder":
@@ -215,7 +311,8 @@ class _Canonicalizer:
                 self.graph.output(fx.map_arg(node.args[0], lambda n: self.env[n]))
                 continue
             arg0 = node.args[0] if node.args else None
-            lead = self.lead.get(arg0, self.input_lead) if isinstance(arg0, fx.Node) else self.input_lead
+            first = _first_tensor(node)
+            lead = self.lead.get(first, self.input_lead) if first is not None else self.input_lead
             if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
                 m = self.modules[node.target]
                 if _is_identity(m):
@@ -229,23 +326,33 @@ class _Canonicalizer:
                     self._lower_reshape(node, kind, node.target)
                     continue
                 else:
+                    if lead == 1 and self.input_lead == 2 and _is_stateful(m) and getattr(m, "step_mode", "s") == "m":
+                        self.issues.append(issue_at(
+                            node, "a multi-step neuron given one time step [N, *] (x[t], or time merged into the "
+                                  "batch): SpikingJelly runs it over the first axis as if it were time",
+                            "give it x[t:t+1] or x[t].unsqueeze(0) (one step as a sequence), or set it to "
+                            "step_mode='s'", module=m))
                     self.env[node] = self._emit_module(node.target, self.env[arg0], node, node.target, _shape(node), lead)
                 self.lead[node] = lead
                 continue
             if self.folded_loops and isinstance(arg0, (fx.Node, list, tuple)):
                 # the folded loop's step select x[0] and stack([y]): per step, both are the identity
-                if is_step_select(node) and lead == 2:
-                    self.env[node], self.lead[node] = self.env[arg0], 1
+                if is_step_select(node) and lead == 2:  # x[0] is one step [N, *]; x[0:1] is [1, N, *]
+                    self.env[node], self.lead[node] = self.env[arg0], 1 if isinstance(node.args[1], int) else 2
                     continue
-                if is_step_stack(node) and self.lead.get(node.args[0][0]) == 1:
+                if is_step_stack(node) and self.lead.get(node.args[0][0]) == (1 if node.target is torch.stack else 2):
                     self.env[node], self.lead[node] = self.env[node.args[0][0]], 2
                     continue
+            if node.op == "call_function" and node.target is operator.getitem and node.args[1] in (0, -1) \
+                    and lead == 2 and _shape(arg0) is not None and _shape(arg0)[0] == 1:
+                self.env[node], self.lead[node] = self.env[arg0], 1  # y[0] of a one-step sequence [1, N, *]
+                continue
+            if node in self.unit_close:  # the reshape or permute that restores the layout a pair's first one changed
+                self.env[node], self.lead[node] = self.env[arg0], lead
+                continue
             is_reshape = (node.op == "call_function" and node.target in _RESHAPES_FN) or (
                 node.op == "call_method" and node.target in _RESHAPE_METHODS)
             if is_reshape:
-                if node in self.unit_close:  # the reshape that restores the layout a unit reshape changed
-                    self.env[node], self.lead[node] = self.env[arg0], lead
-                    continue
                 kind = self._reshape(node)
                 if kind is not None:
                     self._lower_reshape(node, kind, "")
@@ -270,8 +377,13 @@ class _Canonicalizer:
                         continue
                 except TypeError:
                     pass
-            # anything else stays as it is; unsupported_nodes() reports it
-            new = self.graph.node_copy(node, lambda n: self.env[n])
+            if self._lower_permute(node, lead):
+                continue
+            # anything else stays as it is (its axes renumbered per step); the passes lower or refuse it
+            new = self._copy_per_step(node, lead)
+            if new is None:  # refused; kept as it was, for the issue's sake
+                self.lead[node] = lead
+                continue
             self._copy_meta(new, node, node.target if node.op == "call_module" else _scope(node), _shape(node), lead)
             self.env[node], self.lead[node] = new, lead
         return self.graph
