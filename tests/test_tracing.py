@@ -144,8 +144,12 @@ def test_python_loop_over_a_known_T_traces():
     model = _grid(TimeLoop(), seed=6, step=1 / 16)
     x = _spikes((4, 3, 6), seed=7)
     gm, _ = frontend.trace(model, x)
-    # the loop is unrolled T times: four indexing nodes, one stack
-    assert sum(1 for n in gm.graph.nodes if n.target is torch.stack) == 1
+    # the loop is unrolled T times, then folded into the per-step graph: no stack left
+    assert gm.meta["fxlava_time_loops"] == 1
+    assert not any(n.target is torch.stack for n in gm.graph.nodes)
+    ref = _sj(model, x)
+    assert 0 < ref.sum() < ref.numel()
+    assert torch.equal(fxlava.run_graph(gm, x), ref)  # the per-step graph (y[t] + 0 is not compiled, only traced)
 
 
 class StepLoop(nn.Module):
@@ -359,3 +363,51 @@ def test_compile_prints_no_triton_warning():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "Triton" not in run.stderr and "Triton" not in run.stdout
+
+
+class MultiStepLoop(nn.Module):
+    """Multi-step modules called once per time step on a sequence of length one, gathered with torch.cat."""
+
+    def __init__(self, select):
+        super().__init__()
+        self.select = select
+        self.net = nn.Sequential(layer.Conv2d(1, 3, 3, bias=False), _if(), layer.Flatten(),
+                                 layer.Linear(3 * 4 * 4, 4, bias=False), _if())
+        functional.set_step_mode(self, "m")
+
+    def forward(self, x):
+        T = x.shape[0]
+        if self.select == "slice":
+            return torch.cat([self.net(x[t:t + 1]) for t in range(T)])
+        if self.select == "unsqueeze":
+            return torch.cat([self.net(x[t].unsqueeze(0)) for t in range(T)], dim=0)
+        return torch.stack([self.net(x[t].unsqueeze(0))[0] for t in range(T)])
+
+
+@pytest.mark.parametrize("select", ["slice", "unsqueeze", "stack"])
+def test_multi_step_modules_called_once_per_step_fold_into_the_per_step_graph(select):
+    """SpikingJelly's multi-step neurons keep their state between calls: T calls on one step each == one call."""
+    model = _grid(MultiStepLoop(select), seed=10, step=1 / 16)
+    x = _spikes((5, 2, 1, 6, 6), rate=0.5, seed=11)
+    net = _assert_same_spikes(model, x)
+    assert any("loops over the 5 time steps calling modules once per step" in m for _, m in net.records)
+    multi = copy.deepcopy(model.net)
+    assert _module_types(frontend.trace(model, x)[0]) == _module_types(frontend.trace(multi, x)[0])
+
+
+class MultiStepOnOneStep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = layer.Linear(6, 3, bias=False)
+        self.sn = _if()
+        functional.set_step_mode(self, "m")
+
+    def forward(self, x):
+        return torch.stack([self.sn(self.fc(x[t])) for t in range(x.shape[0])])
+
+
+def test_a_multi_step_neuron_given_one_step_is_refused():
+    """x[t] is [N, *]: a multi-step neuron would run over the batch as if it were time."""
+    with pytest.raises(fxlava.UnsupportedModelError, match=r"(?s)a multi-step neuron given one time step.*- sn .*"
+                                                           r"at .*test_tracing.py:\d+: return torch.stack"):
+        fxlava.compile(MultiStepOnOneStep(), _spikes((4, 2, 6)))

@@ -76,6 +76,15 @@ def _is_add(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)
 
 
+def _unit_step(tail: list[fx.Node]) -> bool:
+    """``y[0]`` of a one-step sequence, stacked by a folded time loop: the spikes themselves."""
+    import operator
+
+    n = tail[0]
+    return (len(tail) > 1 and n.op == "call_function" and n.target is operator.getitem and n.args[1] == 0
+            and is_step_stack(tail[1]) and tail[1].args[0][0] is n)
+
+
 def _host_module(m: nn.Module) -> bool:
     """A module the readout may run on the host: torch's or SpikingJelly's own stateless layers, not a user's
     class (a hand-written neuron, a subclass with its own forward), which the passes name instead."""
@@ -113,7 +122,7 @@ def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
     # max pools (and dropout) of the last spikes compile to Loihi layers: the readout starts after them
     # (and a folded time loop's stack([y]) is the spikes themselves, stacked over time)
     while tail and tail[0].all_input_nodes == [last] and (_compiles_after_spikes(gm0, tail[0])
-                                                          or is_step_stack(tail[0])):
+                                                          or is_step_stack(tail[0]) or _unit_step(tail)):
         last, tail = tail[0], tail[1:]
     if not tail or output.args[0] not in tail:
         return None
