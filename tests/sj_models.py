@@ -153,4 +153,8 @@ MODELS = {
         lambda: multi_step(sj("model.sew_resnet").sew_resnet18(spiking_neuron=neuron.IFNode, num_classes=10,
                                                                 cnf="ADD")),
         lambda: spikes(1, 1, 3, 32, 32), "compiles", False),
+    "examples.memopt.models.CIFAR10DVSVGG": (
+        lambda: sj("examples.memopt.models").CIFAR10DVSVGG().eval(),
+        lambda: spikes(N, T, 2, 48, 48),  # [N, T, *]: its forward() transposes the input to [T, N, *]
+        ["synapse with a bias"], True),
 }
