@@ -210,6 +210,9 @@ def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pi
         ctx.record("trace", f"forward() takes its input as [N, T, *] and transposes it to [T, N, *] itself: the "
                             f"compiled network (net(x), net.lava_dl, the netx file) takes [T, N, *], "
                             f"x.transpose(0, 1) of the model's input, here T = {example_input.shape[0]}")
+    if gm.meta.get("fxlava_hooks"):
+        ctx.record("trace", f"weight reparametrisations made permanent on fxlava's copy (the weights the model "
+                            f"computes with): {'; '.join(gm.meta['fxlava_hooks'])}")
     if gm.meta.get("fxlava_time_loops"):
         step_mode_s = frontend.detect_step_mode(model) == "s"
         ctx.record("trace", f"forward() loops over the {example_input.shape[0]} time steps calling "

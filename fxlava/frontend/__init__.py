@@ -46,6 +46,7 @@ import torch.nn as nn
 
 from fxlava.chain import chain_issues
 from fxlava.errors import FxlavaError, Issue, UnsupportedModelError, _source_line
+from fxlava.frontend.hooks import lower_hooks
 from fxlava.frontend.canonical import _Canonicalizer, _fill_shapes
 from fxlava.frontend.encoder import Encoder, split_encoder
 from fxlava.frontend.readout import Readout, output_issues, split_readout
@@ -77,7 +78,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
     # [T, N, *] spikes; a multi-step forward() that repeats its input over time takes [N, *] (see split_encoder)
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < (2 if step_mode == "m" else 3):
         raise _bad_example(example_input)
-    root = copy.deepcopy(model).eval()
+    root, hooks = _copy(model)
     T, N = example_input.shape[:2]
     gm0, loops = None, 0
     if step_mode == "s":
@@ -89,7 +90,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
         except FxlavaError:
             loops = 0
         if not loops:  # tracing may have left proxies in the copy's attributes (self.v = ...): start afresh
-            gm0, root = None, copy.deepcopy(model).eval()
+            gm0, (root, hooks) = None, _copy(model)
     if gm0 is None:
         x0 = (example_input if step_mode == "m" else example_input[0]).to(torch.float32)
         try:
@@ -128,6 +129,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
     gm.meta["fxlava_shape_queries"] = gm0.meta["fxlava_shape_queries"]
     gm.meta["fxlava_dropped"] = list(canonicalizer.dropped)
     gm.meta["fxlava_time_loops"] = loops
+    gm.meta["fxlava_hooks"] = hooks
     gm.meta["fxlava_input_transposed"] = canonicalizer.input_transposed
     gm.meta["fxlava_readout"] = readout or Readout(step_mode=step_mode)
     gm.meta["fxlava_encoder"] = encoder
@@ -141,6 +143,19 @@ def _bad_example(example_input) -> ValueError:
         f"example_input must be a tensor of spikes shaped [T, N, *] (SpikingJelly's multi-step layout), or what a "
         f"multi-step forward() that repeats it over time takes; got "
         f"{tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input).__name__}")
+
+
+def _copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """A deep copy of ``model`` in eval mode, its weight reparametrisations made permanent (other hooks refused)."""
+    # the tensors reparametrising hooks keep as plain attributes (a pruned weight = weight_orig * mask) may
+    # carry autograd history, which deepcopy refuses; the copy's hooks recompute them anyway
+    memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
+            if isinstance(v, torch.Tensor) and not v.is_leaf}
+    root = copy.deepcopy(model, memo).eval()
+    done, issues = lower_hooks(root)
+    if issues:
+        raise UnsupportedModelError(issues)
+    return root, done
 
 
 def _trace_and_run(model: nn.Module, root: nn.Module, x0: torch.Tensor, example_input: torch.Tensor,
