@@ -7,6 +7,7 @@ from fxlava.pass_manager import Pass, Pipeline
 from fxlava.passes.avgpool_to_sumpool import avgpool_to_sumpool
 from fxlava.passes.bias_to_current import bias_to_current
 from fxlava.passes.coscale_layers import coscale_layers
+from fxlava.passes.fold_constant_scales import fold_constant_scales
 from fxlava.passes.fold_batchnorm import fold_batchnorm
 from fxlava.passes.fuse_blocks import fuse_blocks
 from fxlava.passes.insert_layout import insert_layout
@@ -22,6 +23,7 @@ from fxlava.passes.substitute_neurons import substitute_neurons
 DEFAULT_PASSES = (
     Pass("lower_module_subclasses", lower_module_subclasses, lower_module_subclasses.check),
     Pass("remove_identities", remove_identities),
+    Pass("fold_constant_scales", fold_constant_scales),
     Pass("reject_bias", reject_bias, reject_bias.check),
     Pass("fold_batchnorm", fold_batchnorm, fold_batchnorm.check),
     Pass("resolve_conv_padding", resolve_conv_padding, resolve_conv_padding.check),

@@ -79,8 +79,6 @@ _NO_CUBA_EQUIVALENT = {
     "LIAFNode": "it outputs an analog activation, not spikes",
     "ILIFNode": "integer-valued firing (several spikes per step) with a soft reset",
     "MPBNBaseNode": "a BatchNorm on the membrane potential",
-    "OTTTLIFNode": "an online-training LIF with training traces (single-step only)",
-    "SLTTLIFNode": "an online-training LIF with training traces (single-step only)",
     "PSN": "parallel spiking neuron: a learned weighted sum over time steps, not a leaky integrator",
     "MaskedPSN": "parallel spiking neuron: a learned weighted sum over time steps, not a leaky integrator",
     "SlidingPSN": "parallel spiking neuron: a learned weighted sum over time steps, not a leaky integrator",
@@ -214,6 +212,21 @@ def _cuba_lif_node(m) -> Union[CubaMapping, Refusal]:
     return CubaMapping(threshold, decays["current_decay"], decays["voltage_decay"], frozen=frozen)
 
 
+# SpikingJelly neurons whose forward in eval mode is their base's (compiled networks are the model in eval
+# mode): the online-training LIFs (OTTT, SLTT) call functional.lif_step with LIFNode's arguments, the
+# Heaviside step for the surrogate and no trace (spikingjelly/activation_based/neuron/online_learning.py)
+_SAME_IN_EVAL = {("spikingjelly.activation_based.neuron.online_learning", "OTTTLIFNode"): "LIFNode",
+                 ("spikingjelly.activation_based.neuron.online_learning", "SLTTLIFNode"): "LIFNode"}
+
+
+def _same_in_eval(cls):
+    """LIFNode for SpikingJelly's own OTTTLIFNode / SLTTLIFNode (not for a user's subclass of them)."""
+    from spikingjelly.activation_based import neuron
+
+    base = _SAME_IN_EVAL.get((cls.__module__, cls.__qualname__))
+    return getattr(neuron, base) if base else None
+
+
 def cuba_mapping(m) -> Union[CubaMapping, Refusal]:
     """The CUBA neuron equal to the SpikingJelly module ``m``, or why there is none and a fix."""
     from spikingjelly.activation_based import neuron
@@ -223,7 +236,7 @@ def cuba_mapping(m) -> Union[CubaMapping, Refusal]:
     supported = (neuron.IFNode, neuron.SimpleIFNode, neuron.LIFNode, neuron.SimpleLIFNode,
                  neuron.ParametricLIFNode, neuron.CUBALIFNode, lava_exchange.CubaLIFNode)
     # a subclass that overrides none of its base's compute methods (forward, neuronal_charge, ...) is its base
-    cls = computes_as(m, supported) or cls
+    cls = computes_as(m, supported) or _same_in_eval(cls) or cls
     if cls not in supported:
         for base_cls in cls.__mro__:
             if base_cls.__name__ in _STATEFUL:

@@ -157,4 +157,11 @@ MODELS = {
         lambda: sj("examples.memopt.models").CIFAR10DVSVGG().eval(),
         lambda: spikes(N, T, 2, 48, 48),  # [N, T, *]: its forward() transposes the input to [T, N, *]
         ["synapse with a bias"], True),
+    # OTTTLIFNode's own default is a soft reset (v_reset=None); the model passes its kwargs to every neuron
+    "model.spiking_vggws_ottt.ottt_spiking_vggws": (
+        lambda: sj("model.spiking_vggws_ottt").ottt_spiking_vggws(num_classes=10).eval(),
+        lambda: spikes(T, N, 3, 32, 32), ["synapse with a bias", "soft-reset neuron"], False),
+    "model.spiking_vggws_ottt.ottt_spiking_vggws(v_reset=0.0)": (
+        lambda: sj("model.spiking_vggws_ottt").ottt_spiking_vggws(num_classes=10, v_reset=0.0).eval(),
+        lambda: spikes(T, N, 3, 32, 32), ["synapse with a bias"], True),
 }
