@@ -32,7 +32,7 @@ __all__ = [
     "bias_out_of_range",
     "SYNAPSES", "AVG_POOLS", "MAX_POOLS", "ADAPTIVE_POOLS", "FLATTENS", "NORMS", "IDENTITIES", "ROLES",
     "MAY_FEED", "role_of", "is_neuron", "is_stateful", "NETX_LAYER_TYPES", "NETX_NOT_IMPLEMENTED",
-    "NETX_NEURON_TYPES", "ENCODING_OPS", "fix_for", "fix_for_op", "unlowered",
+    "NETX_NEURON_TYPES", "ENCODING_OPS", "fix_for", "fix_for_op", "unlowered", "is_attention",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -149,11 +149,12 @@ MAY_FEED = {
 
 @lru_cache(maxsize=None)
 def _sj_types() -> dict:
-    from spikingjelly.activation_based import base, layer, neuron
+    from spikingjelly.activation_based import base, layer, neuron, rnn
 
     return {
         "neuron": (neuron.BaseNode, neuron.SimpleBaseNode),
-        "stateful": (base.MemoryModule,),
+        # SpikingJelly's spiking RNN layers keep their recurrent state in local variables, not as memories
+        "stateful": (base.MemoryModule, rnn.SpikingRNNBase, rnn.SpikingRNNCellBase),
         "identity": (layer.Dropout,),  # layer.Dropout2d subclasses layer.Dropout
     }
 
@@ -255,8 +256,23 @@ _UNLOWERED = {
 }
 
 
+#: SpikingJelly's attention layers (MA-SNN's MultiDimensionalAttention, TemporalWiseAttention, ...), which
+#: are whole modules of the trace: named as attention, like a user's q @ k.
+ATTENTION_MODULES = ("spikingjelly.activation_based.layer.attention",)
+ATTENTION = ("attention: {name} weighs its input by scores computed from that same input (a product of two "
+             "activations), which Loihi's fixed synaptic weights cannot compute")
+
+
+def is_attention(m: Optional[nn.Module]) -> bool:
+    """One of SpikingJelly's attention layers."""
+    return m is not None and type(m).__module__.startswith(ATTENTION_MODULES)
+
+
 def unlowered(m: nn.Module) -> tuple[str, str]:
     """(reason, fix) for a module still in the graph when blocks are fused, and not a synapse or flatten."""
+    if is_attention(m):
+        return (ATTENTION.format(name=type(m).__name__),
+                "remove the attention layer (the network without it is a chain Loihi can run), or run it off Loihi")
     role = role_of(m)
     if role in _UNLOWERED:
         return _UNLOWERED[role]

@@ -27,7 +27,7 @@ from fxlava.blocks import window_conv
 from fxlava.errors import FxlavaError, Issue, issue_at
 from fxlava.pass_manager import CompileContext, PassResult
 from fxlava.rewrite import bypass, module_of, next_module_node, path_of, set_module
-from fxlava.target import AVG_POOLS, FLATTENS, is_neuron
+from fxlava.target import AVG_POOLS, FLATTENS, is_attention, is_neuron
 
 PASS = "avgpool_to_sumpool"
 
@@ -101,6 +101,8 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
                 issues.append(issue_at(user, *_CUBA_LIF_AFTER_POOL, module=um))
             else:
                 plans.append(_Plan(node, "neuron", factor, user))
+        elif is_attention(um):
+            ctx.leave(node, because=user)  # fuse_blocks names the attention layer, the pool's only problem
         else:
             what = "a padded pool before a synapse" if um is not None and any(p) else "a pool that feeds no synapse or neuron"
             feeds = f"it feeds {path_of(user)} ({type(um).__name__}); " if um is not None else ""

@@ -52,7 +52,12 @@ def fuse_blocks(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         if node in branched and len(node.all_input_nodes) > 1:
             continue
         m = module_of(gm, node)
-        if m is None:
+        if (m is None or not any(True for _ in m.parameters())) and node.all_input_nodes \
+                and all(ctx.is_settled(a) for a in node.all_input_nodes):
+            # what only follows from a refusal (x, _ = rnn(x); a ReLU or a pool after an attention layer) is
+            # that refusal's consequence, not a problem of its own
+            ctx.leave(node, because=node.all_input_nodes[0])
+        elif m is None:
             ctx.refuse(node, *fix_for_op(node))
         elif not _lowered(m):
             ctx.refuse(node, *unlowered(m), module=m)

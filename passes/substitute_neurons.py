@@ -97,6 +97,12 @@ _NO_CUBA_EQUIVALENT = {
     "FlexSN": "user-defined dynamics",
 }
 
+def _recurrent(name: str, state: str) -> tuple[str, str]:
+    return (f"a recurrent container ({name}, a spiking recurrent layer): {state} feed{'' if ' and ' in state else 's'} back into the next time "
+            f"step through weights, and netx runs a straight feed-forward chain of layers (fxlava does not lower "
+            f"recurrence)", "run the recurrent layer off Loihi, or replace it by feed-forward layers and retrain")
+
+
 # stateful SpikingJelly modules that are not neurons
 _STATEFUL = {
     "ElementWiseRecurrentContainer": (
@@ -108,6 +114,12 @@ _STATEFUL = {
         "feed-forward chain of layers (fxlava does not lower recurrence)",
         "remove the recurrence (a Linear layer followed by the wrapped neuron), or run this part of the "
         "network off Loihi"),
+    "SpikingLSTM": _recurrent("SpikingLSTM", "its hidden state h and cell state c"),
+    "SpikingLSTMCell": _recurrent("SpikingLSTMCell", "its hidden state h and cell state c"),
+    "SpikingGRU": _recurrent("SpikingGRU", "its hidden state h"),
+    "SpikingGRUCell": _recurrent("SpikingGRUCell", "its hidden state h"),
+    "SpikingVanillaRNN": _recurrent("SpikingVanillaRNN", "its hidden state h"),
+    "SpikingVanillaRNNCell": _recurrent("SpikingVanillaRNNCell", "its hidden state h"),
     "SynapseFilter": (
         "a synaptic current filter, which fxlava does not merge into the next neuron",
         "remove it, or use neuron.CUBALIFNode or lava_exchange.CubaLIFNode, whose current decay filters the input"),

@@ -164,4 +164,13 @@ MODELS = {
     "model.spiking_vggws_ottt.ottt_spiking_vggws(v_reset=0.0)": (
         lambda: sj("model.spiking_vggws_ottt").ottt_spiking_vggws(num_classes=10, v_reset=0.0).eval(),
         lambda: spikes(T, N, 3, 32, 32), ["synapse with a bias"], True),
+    "examples.spiking_lstm_sequential_mnist.Net": (
+        lambda: sj("examples.spiking_lstm_sequential_mnist").Net().eval(), lambda: spikes(T, N, 28),
+        [r"recurrent container \(SpikingLSTM.*hidden state h and cell state c", "synapse with a bias"], False),
+    # its temporal attention is built for T steps and forward() checks it: an example of T = 60 (sizes made small)
+    "model.masnn.MASNN": (
+        lambda: sj("model.masnn").MASNN(T=60, channels=(4, 4, 4), input_size=(8, 8), fc_hidden=8,
+                                        reduction_c=2).eval(),
+        lambda: spikes(60, 1, 2, 8, 8),
+        ["^attention: MultiDimensionalAttention", "^attention: TemporalWiseAttention", "synapse with a bias"], False),
 }

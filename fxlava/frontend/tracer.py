@@ -55,7 +55,9 @@ def is_sj_leaf(m: nn.Module) -> bool:
     """SpikingJelly modules fxlava lowers (or refuses) whole: stateful modules, layers and step containers."""
     from spikingjelly.activation_based import base
 
-    if _is_neuron_subclass(m) or isinstance(m, base.MemoryModule):
+    from fxlava.target import is_stateful
+
+    if _is_neuron_subclass(m) or isinstance(m, base.MemoryModule) or is_stateful(m):
         return True
     # SpikingJelly's layers and containers are step modules; its model classes and blocks are not
     return _is_spikingjelly(m) and isinstance(m, base.StepModule)
