@@ -10,6 +10,8 @@ partner. What follows from a node an earlier pass refused is not reported again.
 """
 from __future__ import annotations
 
+import operator
+
 import torch.fx as fx
 
 from fxlava.blocks import FlattenBlock, SynapseBlock
@@ -39,6 +41,23 @@ def _lowered(m) -> bool:
     return isinstance(m, CubaNeuron) or role_of(m) in ("synapse", "flatten", "block")
 
 
+def _plumbing(node: fx.Node, m) -> bool:
+    """Indexing (tuple unpacking) or a parameter-free torch.nn layer (an activation, a pool)."""
+    if m is None:
+        return node.op == "call_function" and node.target is operator.getitem
+    return type(m).__module__.startswith("torch.nn.") and not any(True for _ in m.parameters())
+
+
+def _refused_module(node: fx.Node, ctx: CompileContext) -> bool:
+    """A module refused whole, as a recurrent layer or attention (or a node left for one): its output is no
+    layer's spikes, so what only carries it on has nothing to add. A ReLU after a neuron refused for its
+    reset, say, is a problem of its own and still reported."""
+    if node.meta.get("fxlava_after_whole_refusal"):
+        return True
+    reason = node.meta.get("fxlava_refused") or ""
+    return node.op == "call_module" and reason.startswith(("attention", "a recurrent container"))
+
+
 def fuse_blocks(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Fuse each synapse with the neuron after it into a block; turn flattens into flatten blocks."""
     branch_issues, branched = chain_issues(gm)
@@ -52,11 +71,11 @@ def fuse_blocks(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         if node in branched and len(node.all_input_nodes) > 1:
             continue
         m = module_of(gm, node)
-        if (m is None or not any(True for _ in m.parameters())) and node.all_input_nodes \
-                and all(ctx.is_settled(a) for a in node.all_input_nodes):
-            # what only follows from a refusal (x, _ = rnn(x); a ReLU or a pool after an attention layer) is
-            # that refusal's consequence, not a problem of its own
+        if _plumbing(node, m) and node.all_input_nodes and all(_refused_module(a, ctx) for a in node.all_input_nodes):
+            # what only carries a refused module's output on (x, _ = rnn(x); the ReLU after an attention
+            # layer) is that refusal's consequence, not a problem of its own
             ctx.leave(node, because=node.all_input_nodes[0])
+            node.meta["fxlava_after_whole_refusal"] = True
         elif m is None:
             ctx.refuse(node, *fix_for_op(node))
         elif not _lowered(m):

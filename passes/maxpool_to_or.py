@@ -127,10 +127,10 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
             found.append(("a max pool that returns indices (Loihi layers output spikes only)",
                           "construct it with return_indices=False; unpooling has no netx equivalent"))
         shape_in = node.args[0].meta.get("fxlava_shape") if isinstance(node.args[0], fx.Node) else None
-        if shape_in is None or len(shape_in) != 3:
+        if shape_in is not None and len(shape_in) != 3:
             found.append((f"a max pool of a per-sample shape {shape_in} (fxlava pools [C, H, W] spikes)",
                           "apply the max pool to conv feature maps [N, C, H, W] per time step"))
-        elif not pool.return_indices:
+        elif shape_in is not None and not pool.return_indices:
             problem = _window_issue(pool, shape_in)
             if problem is not None:
                 found.append(problem)
@@ -143,6 +143,9 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
                           "is synapse + neuron)",
                           "remove that neuron (the max of spikes already is spikes), or put a conv or linear "
                           "layer between the max pool and the neuron"))
+        if shape_in is None and not found:  # unknown only when the graph cannot run per step: said elsewhere too
+            found.append(("a max pool of a per-sample shape fxlava could not determine (fxlava pools [C, H, W] "
+                          "spikes)", "apply the max pool to conv feature maps [N, C, H, W] per time step"))
         issues.extend(issue_at(node, reason, fix, module=pool) for reason, fix in found)
         if found:
             continue

@@ -20,9 +20,11 @@ STUBBED = ("torchvision", "torch.utils.tensorboard", "tensorboard", "tensorboard
 
 
 def _unused(name):
+    """A stand-in that raises when called or instantiated; a class, so that files may subclass it
+    (spikingjelly.datasets subclasses torchvision's DatasetFolder)."""
     def fail(*args, **kwargs):
         raise RuntimeError(f"{name} is a stub: the SpikingJelly file imports it, the model does not use it")
-    return fail
+    return type(name.rsplit(".", 1)[-1], (), {"__init__": fail, "__module__": name.rsplit(".", 1)[0]})
 
 
 class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -173,4 +175,25 @@ MODELS = {
                                         reduction_c=2).eval(),
         lambda: spikes(60, 1, 2, 8, 8),
         ["^attention: MultiDimensionalAttention", "^attention: TemporalWiseAttention", "synapse with a bias"], False),
+    # [N, C, T, n_mel] (delta_order 0): its convs' kernels span 4 steps along T, which forward() then puts first
+    "examples.speech_commands.Net": (
+        lambda: sj("examples.speech_commands").Net().eval(), lambda: spikes(N, 1, 12, 40),
+        [r"a convolution across time steps: axis 2 .* kernel spans 4 steps"], False),
+    "model.spikformer.spikformer_cifar10": (
+        lambda: multi_step(sj("model.spikformer").spikformer_cifar10(T=T)), lambda: spikes(T, N, 3, 32, 32),
+        ["^attention: a product of two activations", "max pool of values that are not spikes"], False),
+}
+
+# refusals outside the five structural reasons that a row may have, each a limit of Loihi itself
+EXTRA_REASONS = {
+    # OTTTLIFNode's own default: Loihi resets the voltage to 0
+    "model.spiking_vggws_ottt.ottt_spiking_vggws": [r"a soft-reset neuron \(v_reset=None\)"],
+    # not a per-step feed-forward chain: each output step reads several input steps
+    "examples.speech_commands.Net": [r"a convolution across time steps"],
+    # its patch stem max-pools BatchNorm outputs (conv -> BN -> max pool -> LIF), which no OR of spikes computes
+    # and its MLPs are Conv1d (kernel 1 over tokens) + BatchNorm1d, which fxlava does not lower (a netx conv is 2-d)
+    "model.spikformer.spikformer_cifar10": [r"a max pool of values that are not spikes",
+                                            r"a max pool that feeds a spiking neuron with no synapse",
+                                            r"a module with no Loihi equivalent in fxlava",
+                                            r"a BatchNorm not directly after a conv or linear synapse"],
 }

@@ -114,7 +114,11 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
     canonicalizer = _Canonicalizer(gm0, root, lead, T, N, folded_loops=bool(loops))
     graph = canonicalizer.run()
     if canonicalizer.issues:
-        raise UnsupportedModelError(canonicalizer.issues)
+        issues = canonicalizer.issues
+        if canonicalizer.temporal:  # time taken from a conv's axis: every axis op after it follows from that
+            issues = [i for i in issues if " along the time or batch axis" not in i.reason
+                      and "a transpose of the time and batch axes" not in i.reason]
+        raise UnsupportedModelError(issues)
     if canonicalizer.input_transposed:  # forward() takes [N, T, *]: the compiled network takes [T, N, *]
         example_input = example_input.transpose(0, 1)
     _set_single_step(root)

@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxlava.errors import Issue, issue_at
+from fxlava.errors import Issue, _source_line, issue_at
 from fxlava.rules import IDENTITIES
 from fxlava.target import ENCODING_OPS
 from fxlava.frontend.dims import dim_args, permutation
@@ -95,6 +95,7 @@ class _Canonicalizer:
         self.folded_loops = folded_loops  # fold_time_loops left x[0] ... stack([y]) in the graph
         self.dropped: list[str] = []  # Identity and Dropout modules, identities in eval mode
         self.input_transposed = False  # forward() takes [N, T, *] and transposes it to [T, N, *] itself
+        self.temporal: set[nn.Module] = set()  # convolutions over an axis forward() later makes the time axis
 
     def _copy_meta(self, new: fx.Node, old: fx.Node, path: str, shape, lead: int):
         if "stack_trace" in old.meta:
@@ -258,6 +259,9 @@ class _Canonicalizer:
         if perm is None or perm == list(range(len(perm))):
             return False
         rank = len(perm)
+        if perm[0] >= lead and self._temporal_conv(node, arg0, perm[0], rank):
+            self.env[node], self.lead[node] = self.graph.node_copy(node, lambda n: self.env[n]), lead
+            return True
         if perm[lead:] == list(range(lead, rank)):  # only T and N move
             if lead == 2 and self._is_input(arg0) and not self.input_transposed:
                 self.input_transposed = True
@@ -286,6 +290,35 @@ class _Canonicalizer:
                 self.env[node], self.lead[node] = self.env[arg0], lead
                 return True
             return False
+        return False
+
+    def _temporal_conv(self, node: fx.Node, src: fx.Node, axis: int, rank: int) -> bool:
+        """Refuse the conv whose spatial axis ``axis`` this permute turns into the time axis (a conv over time).
+
+        SpikingJelly's speech_commands example convolves [N, C, T, n_mel] with a kernel 4 steps long in T,
+        then transposes T to the front for its neurons: each output step reads several input steps.
+        """
+        n = src
+        while n.op != "placeholder":
+            m = self.modules.get(n.target) if n.op == "call_module" else None
+            if isinstance(m, nn.Conv2d):
+                if axis < rank - 2 or len(_shape(n) or ()) != rank:
+                    return False
+                k = m.kernel_size[axis - (rank - 2)]
+                if m in self.temporal:
+                    return True
+                self.temporal.add(m)
+                self.issues.append(issue_at(
+                    n, f"a convolution across time steps: axis {axis} of its output becomes the time axis at "
+                       f"{_source_line(node) or node.name}, and its kernel spans {k} steps of it. Loihi's layers "
+                       f"see one time step at a time (a netx conv has no synaptic delays), so a temporal "
+                       f"convolution is not a per-step feed-forward layer", "give the model [T, N, *] input with "
+                       "time first and convolve only the axes of one step (kernel 1 along time), or run the "
+                       "temporal convolution off Loihi", module=m))
+                return True
+            if not n.args or not isinstance(n.args[0], fx.Node):
+                return False
+            n = n.args[0]
         return False
 
     def _is_input(self, node: fx.Node) -> bool:
