@@ -223,6 +223,9 @@ def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pi
     # an output that no operation computes (neuron state, a constant, None, the input): no pass would see
     # it; an operation's output that is not spikes (a trailing Linear, a non-spiking neuron, an add) its
     # pass refuses
+    ctx.refuse(gm.meta.get("fxlava_trace_issues", []))  # ops with no per-step form (along T or N, a conv over time)
+    for node, because in gm.meta.get("fxlava_trace_left", []):
+        ctx.leave(node, because=because)
     ctx.refuse([i for i in frontend.output_issues(gm)
                 if i.fx_node is None or i.fx_node.op not in ("call_module", "call_function", "call_method")])
     try:

@@ -25,11 +25,12 @@ X = (torch.rand(6, 2, 1, 4, 4, generator=torch.Generator().manual_seed(1)) < 0.5
 
 def test_default_pipeline_is_printable_and_ordered():
     p = fxlava.default_pipeline()
-    assert p.names == ["lower_module_subclasses", "remove_identities", "reject_bias", "fold_batchnorm", "resolve_conv_padding",
+    assert p.names == ["lower_module_subclasses", "remove_identities", "fold_constant_scales", "reject_bias",
+                       "fold_batchnorm", "resolve_conv_padding",
                        "lower_adaptive_pools", "avgpool_to_sumpool", "substitute_neurons", "maxpool_to_or",
                        "lower_residuals", "fuse_blocks", "coscale_layers", "insert_layout"]
     text = str(p)
-    assert "7. avgpool_to_sumpool" in text and "1/k^2" in text
+    assert "8. avgpool_to_sumpool" in text and "1/k^2" in text
 
 
 def test_custom_pass_halves_thresholds():
@@ -74,7 +75,7 @@ def test_failing_pass_is_named_with_the_passes_before_it():
 
     pipeline = fxlava.default_pipeline().insert_before("fuse_blocks", explode)
     with pytest.raises(fxlava.PassError, match=r"pass 'explode' failed \(passes run before it: lower_module_subclasses, remove_identities, "
-                                               r"reject_bias, fold_batchnorm, resolve_conv_padding, lower_adaptive_pools, avgpool_to_sumpool, "
+                                               r"fold_constant_scales, reject_bias, fold_batchnorm, resolve_conv_padding, lower_adaptive_pools, avgpool_to_sumpool, "
                                                r"substitute_neurons, maxpool_to_or, lower_residuals\): RuntimeError: boom"):
         fxlava.compile(_model(), X, pipeline=pipeline)
 

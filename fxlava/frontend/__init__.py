@@ -38,6 +38,7 @@ errors list their issues.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import torch
@@ -45,7 +46,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxlava.chain import chain_issues
-from fxlava.errors import FxlavaError, Issue, UnsupportedModelError, _source_line
+from fxlava.errors import FxlavaError, Issue, UnsupportedModelError, _source_line, model_order
 from fxlava.frontend.hooks import lower_hooks
 from fxlava.frontend.canonical import _Canonicalizer, _fill_shapes
 from fxlava.frontend.encoder import Encoder, split_encoder
@@ -114,11 +115,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
     canonicalizer = _Canonicalizer(gm0, root, lead, T, N, folded_loops=bool(loops))
     graph = canonicalizer.run()
     if canonicalizer.issues:
-        issues = canonicalizer.issues
-        if canonicalizer.temporal:  # time taken from a conv's axis: every axis op after it follows from that
-            issues = [i for i in issues if " along the time or batch axis" not in i.reason
-                      and "a transpose of the time and batch axes" not in i.reason]
-        raise UnsupportedModelError(issues)
+        raise UnsupportedModelError(canonicalizer.issues)
     if canonicalizer.input_transposed:  # forward() takes [N, T, *]: the compiled network takes [T, N, *]
         example_input = example_input.transpose(0, 1)
     _set_single_step(root)
@@ -128,6 +125,10 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
     _fill_shapes(gm, example_input[0])
     for i, n in enumerate(gm.graph.nodes):  # the model order, in which errors list their issues
         n.meta["fxlava_order"] = i
+    # ops with no per-step form, refused with the passes' refusals (compile hands them to ctx.refuse)
+    gm.meta["fxlava_trace_issues"] = [dataclasses.replace(i, order=model_order(i.fx_node))
+                                      for i in canonicalizer.later_issues()]
+    gm.meta["fxlava_trace_left"] = canonicalizer.left_after()
     gm.meta["fxlava_step_mode"] = step_mode
     gm.meta["fxlava_layout"] = "per_step"  # see fxlava.graph_runner.run_graph
     gm.meta["fxlava_shape_queries"] = gm0.meta["fxlava_shape_queries"]

@@ -96,6 +96,7 @@ class _Canonicalizer:
         self.dropped: list[str] = []  # Identity and Dropout modules, identities in eval mode
         self.input_transposed = False  # forward() takes [N, T, *] and transposes it to [T, N, *] itself
         self.temporal: set[nn.Module] = set()  # convolutions over an axis forward() later makes the time axis
+        self.later: list[tuple] = []  # (traced node, reason, fix, module) refused in the canonical graph
 
     def _copy_meta(self, new: fx.Node, old: fx.Node, path: str, shape, lead: int):
         if "stack_trace" in old.meta:
@@ -216,8 +217,40 @@ class _Canonicalizer:
             self.env[node] = self._emit_module(target, src, node, path, _shape(node), lead)
         self.lead[node] = lead
 
-    def _refuse(self, node: fx.Node, reason: str, fix: str) -> None:
-        self.issues.append(dataclasses.replace(issue_at(node, reason, fix), path=_scope(node)))
+    def _refuse(self, node: fx.Node, reason: str, fix: str, module: Optional[nn.Module] = None) -> None:
+        """Refuse ``node`` (of the traced graph) once it is in the canonical graph: compile reports it with
+        the passes' refusals, all at once (``later_issues``)."""
+        self.later.append((node, reason, fix, module))
+
+    def later_issues(self) -> list[Issue]:
+        """The refusals of ``_refuse``, located at the canonical graph's nodes (for ``ctx.refuse``)."""
+        out = []
+        for node, reason, fix, module in self.later:
+            new = self.env[node]
+            issue = issue_at(new, reason, fix, module=module)
+            out.append(issue if issue.path else dataclasses.replace(issue, path=_scope(node)))
+        if self.temporal:  # time taken from a conv's axis: the layout ops after it follow from that (left_after)
+            out = [i for i in out if " along the time or batch axis" not in i.reason
+                   and "a transpose of the time and batch axes" not in i.reason]
+        return out
+
+    def left_after(self) -> list[tuple[fx.Node, fx.Node]]:
+        """(node, conv): the parameter-free ops after a convolution over time, whose axes mean nothing per step.
+
+        They are consequences of that refusal, left unreported (``ctx.leave``)."""
+        convs = [self.env[n] for n, reason, _, _ in self.later if reason.startswith("a convolution across time")]
+        out, seen = [], set()
+        for conv in convs:
+            todo = list(conv.users)
+            while todo:
+                n = todo.pop()
+                if n in seen:
+                    continue
+                seen.add(n)
+                todo.extend(n.users)
+                if n.op in ("call_function", "call_method"):
+                    out.append((n, conv))
+        return out
 
     def _copy_per_step(self, node: fx.Node, lead: int) -> Optional[fx.Node]:
         """Copy ``node`` into the per-step graph, its axis arguments moved to the per-step numbering.
@@ -238,6 +271,7 @@ class _Canonicalizer:
                          "act on the axes of one sample only (dim >= 2 on [T, N, *], or a negative dim), or "
                          "do this on the host, before the network or after its last spiking layer")
             self.env[node] = self.graph.node_copy(node, lambda n: self.env[n])
+            self._copy_meta(self.env[node], node, _scope(node), _shape(node), lead)
             return None
         new = self.graph.node_copy(node, lambda n: self.env[n])
         if lead != 1:
@@ -261,6 +295,7 @@ class _Canonicalizer:
         rank = len(perm)
         if perm[0] >= lead and self._temporal_conv(node, arg0, perm[0], rank):
             self.env[node], self.lead[node] = self.graph.node_copy(node, lambda n: self.env[n]), lead
+            self._copy_meta(self.env[node], node, _scope(node), _shape(node), lead)
             return True
         if perm[lead:] == list(range(lead, rank)):  # only T and N move
             if lead == 2 and self._is_input(arg0) and not self.input_transposed:
@@ -273,6 +308,7 @@ class _Canonicalizer:
                          "transpose the input before the network (or once, at the start of forward()), or "
                          "after its last spiking layer")
             self.env[node], self.lead[node] = self.graph.node_copy(node, lambda n: self.env[n]), lead
+            self._copy_meta(self.env[node], node, _scope(node), _shape(node), lead)
             return True
         if perm[:lead] != list(range(lead)):
             return False  # mixes T or N with a sample's axes: _copy_per_step refuses it
@@ -308,13 +344,13 @@ class _Canonicalizer:
                 if m in self.temporal:
                     return True
                 self.temporal.add(m)
-                self.issues.append(issue_at(
+                self._refuse(
                     n, f"a convolution across time steps: axis {axis} of its output becomes the time axis at "
                        f"{_source_line(node) or node.name}, and its kernel spans {k} steps of it. Loihi's layers "
                        f"see one time step at a time (a netx conv has no synaptic delays), so a temporal "
                        f"convolution is not a per-step feed-forward layer", "give the model [T, N, *] input with "
                        "time first and convolve only the axes of one step (kernel 1 along time), or run the "
-                       "temporal convolution off Loihi", module=m))
+                       "temporal convolution off Loihi", module=m)
                 return True
             if not n.args or not isinstance(n.args[0], fx.Node):
                 return False
@@ -360,11 +396,11 @@ class _Canonicalizer:
                     continue
                 else:
                     if lead == 1 and self.input_lead == 2 and _is_stateful(m) and getattr(m, "step_mode", "s") == "m":
-                        self.issues.append(issue_at(
+                        self._refuse(
                             node, "a multi-step neuron given one time step [N, *] (x[t], or time merged into the "
                                   "batch): SpikingJelly runs it over the first axis as if it were time",
                             "give it x[t:t+1] or x[t].unsqueeze(0) (one step as a sequence), or set it to "
-                            "step_mode='s'", module=m))
+                            "step_mode='s'", module=m)
                     self.env[node] = self._emit_module(node.target, self.env[arg0], node, node.target, _shape(node), lead)
                 self.lead[node] = lead
                 continue
