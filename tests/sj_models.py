@@ -182,6 +182,18 @@ MODELS = {
     "model.spikformer.spikformer_cifar10": (
         lambda: multi_step(sj("model.spikformer").spikformer_cifar10(T=T)), lambda: spikes(T, N, 3, 32, 32),
         ["^attention: a product of two activations", "max pool of values that are not spikes"], False),
+    "model.spiking_vgg.spiking_vgg11": (  # its head pools to 7 x 7: the 224 x 224 input it is built for, T = N = 1
+        lambda: multi_step(sj("model.spiking_vgg").spiking_vgg11(spiking_neuron=neuron.IFNode, num_classes=10)),
+        lambda: spikes(1, 1, 3, 224, 224), ["synapse with a bias"], False),
+    "model.ms_resnet.ms_resnet18": (
+        lambda: multi_step(sj("model.ms_resnet").ms_resnet18(num_classes=10)), lambda: spikes(2, 1, 3, 32, 32),
+        ["residual connection", "synapse with a bias"], False),
+    "model.ms_resnet.max_resnet18": (
+        lambda: multi_step(sj("model.ms_resnet").max_resnet18(num_classes=10)), lambda: spikes(2, 1, 3, 32, 32),
+        ["residual connection", "synapse with a bias", "max pool of values that are not spikes"], False),
+    "model.masnn.att_ms_resnet18": (
+        lambda: multi_step(sj("model.masnn").att_ms_resnet18(num_classes=10)), lambda: spikes(2, 1, 3, 32, 32),
+        ["residual connection", "^attention: MultiDimensionalAttention"], False),
 }
 
 # refusals outside the five structural reasons that a row may have, each a limit of Loihi itself
@@ -196,4 +208,9 @@ EXTRA_REASONS = {
                                             r"a max pool that feeds a spiking neuron with no synapse",
                                             r"a module with no Loihi equivalent in fxlava",
                                             r"a BatchNorm not directly after a conv or linear synapse"],
+    # MS-ResNet adds membrane potentials (BatchNorm outputs), not spikes: its head, head(x).mean(0), reads that
+    # sum, so it is no readout of spikes, and its mean over T stays in the network
+    "model.ms_resnet.ms_resnet18": [r"mean\(\) along the time or batch axis"],
+    "model.ms_resnet.max_resnet18": [r"mean\(\) along the time or batch axis", r"a max pool of values that are not spikes",
+                                     r"a max pool that feeds a spiking neuron with no synapse"],
 }

@@ -17,6 +17,7 @@ from tests.sj_models import EXTRA_REASONS, MODELS, T, N, lively, sj, spikes, zer
 # the largest ones (128 x 128 event frames, ResNet-18) run with `make test-all`
 SLOW = {"model.parametric_lif_net.CIFAR10DVSNet", "model.parametric_lif_net.DVSGestureNet",
         "model.spiking_resnet.spiking_resnet18", "model.sew_resnet.sew_resnet18"}
+SLOW |= {"model.spiking_vgg.spiking_vgg11", "model.ms_resnet.max_resnet18", "model.masnn.att_ms_resnet18"}
 SLOW_TO_COMPILE = {"examples.memopt.models.CIFAR10DVSVGG"}  # refused at once; 512 channels to compile
 
 
