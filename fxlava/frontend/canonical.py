@@ -197,8 +197,8 @@ class _Canonicalizer:
         if lead == 1 and self.input_lead == 2 and len(so) >= 2 and tuple(so[:2]) == (self.T, self.N) \
                 and tuple(so[2:]) == tuple(si[1:]) and si[0] == self.T * self.N:
             return ("identity", 2)  # [T*N, *] -> [T, N, *]
-        if lead == 1 and self.input_lead == 2 and tuple(so) == (1,) + tuple(si):
-            return ("identity", 2)  # [N, *] -> [1, N, *]: one time step, as a sequence of length 1
+        if self.folded_loops and lead == 1 and self.input_lead == 2 and tuple(so) == (1,) + tuple(si):
+            return ("identity", 2)  # x[t].unsqueeze(0) in a folded loop: one time step, as a sequence of length 1
         if tuple(so[:lead]) == tuple(si[:lead]):
             if tuple(so) == tuple(si):
                 return ("identity", lead)
@@ -412,8 +412,8 @@ class _Canonicalizer:
                 if is_step_stack(node) and self.lead.get(node.args[0][0]) == (1 if node.target is torch.stack else 2):
                     self.env[node], self.lead[node] = self.env[node.args[0][0]], 2
                     continue
-            if node.op == "call_function" and node.target is operator.getitem and node.args[1] in (0, -1) \
-                    and lead == 2 and _shape(arg0) is not None and _shape(arg0)[0] == 1:
+            if self.folded_loops and node.op == "call_function" and node.target is operator.getitem \
+                    and node.args[1] in (0, -1) and lead == 2 and _shape(arg0) is not None and _shape(arg0)[0] == 1:
                 self.env[node], self.lead[node] = self.env[arg0], 1  # y[0] of a one-step sequence [1, N, *]
                 continue
             if node in self.unit_close:  # the reshape or permute that restores the layout a pair's first one changed
