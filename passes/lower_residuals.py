@@ -261,7 +261,7 @@ def _analyse_node(gm, ctx, node, values, sources, merges, currents) -> None:
     args = [values.get(a) if isinstance(a, fx.Node) else a for a in node.args]
     inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
     merge = len(inputs) > 1 and not (_is_add(node) or (node.op == "call_function" and node.target in _CATS))
-    if not merge and (ctx.is_settled(node) or any(isinstance(values.get(a), _Opaque) for a in inputs)):
+    if ctx.is_settled(node) or (not merge and any(isinstance(values.get(a), _Opaque) for a in inputs)):
         values[node] = _Opaque(node)  # refused earlier, or after a node this pass does not know
         return
     if isinstance(m, CubaNeuron):

@@ -411,3 +411,27 @@ def test_a_multi_step_neuron_given_one_step_is_refused():
     with pytest.raises(fxlava.UnsupportedModelError, match=r"(?s)a multi-step neuron given one time step.*- sn .*"
                                                            r"at .*test_tracing.py:\d+: return torch.stack"):
         fxlava.compile(MultiStepOnOneStep(), _spikes((4, 2, 6)))
+
+
+class LoopThatDiffers(nn.Module):
+    """Each step weighted by its index: not one per-step graph, so the loop cannot fold."""
+
+    def __init__(self, gather):
+        super().__init__()
+        self.gather = gather
+        self.fc = layer.Linear(6, 3, bias=False)
+        self.sn = _if()
+        functional.set_step_mode(self, "m")
+
+    def forward(self, x):
+        out = [self.sn(self.fc(x[t:t + 1] * (t + 1))) for t in range(x.shape[0])]
+        return self.gather(out)
+
+
+@pytest.mark.parametrize("gather", [torch.cat, lambda out: torch.stack([o[0] for o in out])], ids=["cat", "stack"])
+def test_a_time_loop_that_cannot_fold_is_refused_naming_the_line(gather):
+    with pytest.raises(fxlava.UnsupportedModelError,
+                       match=r"(?s)a loop over the time steps that fxlava cannot fold into one step: \w+\(\) gathers 4 "
+                             r"steps.*\n  - <(cat|stack)> .*\n      at .*test_tracing.py:\d+: ") as info:
+        fxlava.compile(LoopThatDiffers(gather), _spikes((4, 2, 6)))
+    assert "a merge by" not in str(info.value)  # refused once, as the loop it is

@@ -262,6 +262,20 @@ class _Canonicalizer:
         dims = dim_args(node, len(_shape(arg0))) if isinstance(arg0, fx.Node) and _shape(arg0) is not None else None
         if dims is None:
             return self.graph.node_copy(node, lambda n: self.env[n])
+        parts = node.args[0] if node.args else node.kwargs.get("tensors")
+        if dims.name in ("stack", "cat", "concat") and isinstance(parts, (list, tuple)) and len(parts) == self.T > 1 \
+                and lead == 2 and dims.axes() == [0] and (dims.name == "stack" or all(
+                    isinstance(p, fx.Node) and _shape(p) is not None and _shape(p)[0] == 1 for p in parts)):
+            # T steps gathered along time: an unrolled loop that fold_time_loops could not fold
+            self._refuse(node, f"a loop over the time steps that fxlava cannot fold into one step: {dims.name}() "
+                               f"gathers {len(parts)} steps whose computations differ, or read other steps than "
+                               f"their own",
+                         "compute every step with the same modules and operations from its own step x[t] (or "
+                         "x[t:t+1]) and gather them in order, or use the layers in multi-step mode on the whole "
+                         "sequence")
+            self.env[node] = self.graph.node_copy(node, lambda n: self.env[n])
+            self._copy_meta(self.env[node], node, _scope(node), _shape(node), lead)
+            return None
         if dims.touches(lead) and dims.name in ENCODING_OPS:
             return self.graph.node_copy(node, lambda n: self.env[n])  # the passes name it as an input encoding
         if dims.touches(lead):
