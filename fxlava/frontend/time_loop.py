@@ -6,6 +6,11 @@
     out = [self.net(x[t:t + 1]) for t in range(T)]         # multi-step modules, one step at a time
     return torch.cat(out)                                  # (or x[t].unsqueeze(0), and torch.stack(out))
 
+    out = 0                                                # a spike count over the steps, then a rate:
+    for t in range(T):                                     # the chain of adds is rewritten first as
+        out = out + self.net(x[t])                         # stack([...]).sum(0), whose sum and whatever
+    return out / T                                         # follows it then run as net.readout
+
 Traced on the example (T known), the loop is unrolled into T copies of the same per-step chain,
 each starting at ``x[t]`` (or ``x[t:t+1]``) and ending in one ``torch.stack`` (or ``torch.cat``)
 along the time axis. A SpikingJelly module keeps its state between calls in either step mode, so
@@ -20,6 +25,8 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+
+from fxlava.frontend.shapes import record_shape
 
 __all__ = ["fold_time_loops", "is_step_select", "is_step_stack"]
 
@@ -84,6 +91,102 @@ def _chain(end: fx.Node, live: set) -> Optional[tuple[fx.Node, int, list[fx.Node
     return idx[0], idx[1], nodes[::-1]
 
 
+_ADDS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_", "__add__", "__iadd__", "__radd__")
+_ZEROS = (torch.zeros, torch.zeros_like)
+
+
+def _is_add(n) -> bool:
+    """``a + b``, ``a += b``, ``torch.add(a, b)``, ``a.add_(b)`` (no ``alpha``)."""
+    return isinstance(n, fx.Node) and len(n.args) == 2 and not n.kwargs and (
+        (n.op == "call_function" and n.target in _ADDS) or (n.op == "call_method" and n.target in _ADD_METHODS))
+
+
+def _is_zero(gm: fx.GraphModule, a, live: set) -> bool:
+    """The start of an accumulation: the number 0, or zeros that read no input (``torch.zeros(...)``, or the
+    constant tensor that a ``torch.zeros(x.shape[1], ...)`` of known shape becomes when traced)."""
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return a == 0
+    if not isinstance(a, fx.Node) or a in live:
+        return False
+    if a.op == "get_attr":
+        value = getattr(gm, a.target, None)
+        return isinstance(value, torch.Tensor) and not value.any()
+    return a.op == "call_function" and a.target in _ZEROS
+
+
+def _accumulation(gm: fx.GraphModule, last: fx.Node, live: set) -> Optional[tuple[list[fx.Node], list[fx.Node]]]:
+    """``((0 + y_0) + y_1) + ...`` ending at ``last``: (the adds, first to last; the y_t), else None."""
+    adds, ys, n = [], [], last
+    while _is_add(n):
+        a, b = n.args
+        # the running sum is the operand that is itself such an add (used by this one only), or the start
+        prev = next((o for o in (a, b) if _is_add(o) and len(o.users) == 1), None)
+        if prev is not None:
+            adds.append(n)
+            ys.append(b if prev is a else a)
+            n = prev
+            continue
+        adds.append(n)
+        if _is_zero(gm, a, live) and isinstance(b, fx.Node):
+            ys.append(b)
+        elif _is_zero(gm, b, live) and isinstance(a, fx.Node):
+            ys.append(a)
+        elif isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            ys.extend([b, a])  # out = y_0 (no start), then out = out + y_1
+        else:
+            return None
+        return adds[::-1], ys[::-1]
+    return None
+
+
+def _stack_accumulations(gm: fx.GraphModule, live: set) -> int:
+    """Rewrite a running sum over the steps, ``out = out + f(x[t])``, as ``stack([f(x[0]), ...]).sum(0)``.
+
+    A forward() that accumulates its output spikes over a loop (a spike count, then a rate) computes
+    the same numbers: the spikes are whole numbers, so the order of the sums changes nothing. Only a
+    sum over every step of one sequence, each term a plain chain from its own step, is rewritten;
+    fold_time_loops then folds the stack like any other.
+    """
+    rewritten, seen = 0, set()
+    for last in reversed(list(gm.graph.nodes)):  # the last add of a sum comes first
+        if last in seen or not _is_add(last) or last not in live:
+            continue
+        found = _accumulation(gm, last, live)
+        if found is None:
+            continue
+        adds, ys = found
+        seen.update(adds)
+        chains = [_chain(y, live) if y in live else None for y in ys]
+        if len(ys) < 2 or any(c is None for c in chains):
+            continue
+        seq = chains[0][0]
+        shape = getattr(seq.meta.get("tensor_meta"), "shape", None)
+        y_meta = ys[-1].meta.get("tensor_meta")
+        if shape is None or y_meta is None or shape[0] != len(ys) or any(c[0] is not seq for c in chains) \
+                or [c[1] for c in chains] != list(range(len(ys))):
+            continue
+        with gm.graph.inserting_after(last):
+            stack = gm.graph.call_function(torch.stack, (list(ys),))
+        with gm.graph.inserting_after(stack):
+            total = gm.graph.call_method("sum", (stack, 0))
+        y = torch.empty(tuple(y_meta.shape), dtype=y_meta.dtype, device="meta")
+        for node, value in ((stack, torch.stack([y] * len(ys))), (total, y)):
+            node.meta.update({k: v for k, v in last.meta.items() if k in ("stack_trace", "nn_module_stack")})
+            record_shape(node, value)
+        last.replace_all_uses_with(total)
+        for n in reversed(adds):
+            start = [a for a in n.args if isinstance(a, fx.Node) and a not in live]
+            gm.graph.erase_node(n)
+            for a in start:  # the zeros it started from
+                if not a.users:
+                    gm.graph.erase_node(a)
+        rewritten += 1
+    if rewritten:
+        gm.recompile()
+    return rewritten
+
+
 def fold_time_loops(gm: fx.GraphModule) -> int:
     """Fold every unrolled per-step loop ``stack([f(x[0]), ..., f(x[T-1])])`` into ``stack([f(x[0])])``.
 
@@ -92,6 +195,7 @@ def fold_time_loops(gm: fx.GraphModule) -> int:
     and covering every step of it. Returns how many loops were folded.
     """
     folded, live = 0, _depends_on_input(gm)
+    _stack_accumulations(gm, live)
     for stack in [n for n in gm.graph.nodes if _stack_dim(n) == 0]:
         ends = list(stack.args[0])
         chains = [_chain(e, live) if isinstance(e, fx.Node) else None for e in ends]

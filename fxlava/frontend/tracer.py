@@ -195,6 +195,10 @@ class SpikingTracer(fx.Tracer):
         if kind == "call_module":
             return self.root.get_submodule(target)(*a, **kw)
         if kind == "call_method":
+            if target.endswith("_") and not target.endswith("__") and isinstance(args[0], torch.Tensor):
+                # an in-place op on a constant (count = torch.zeros(...); count += y): the graph keeps that
+                # tensor as its constant, so running it here must not change it
+                a = (a[0].clone(),) + tuple(a[1:])
             return getattr(a[0], target)(*a[1:], **kw)
         return target(*a, **kw)
 
