@@ -111,8 +111,11 @@ class SynapseBlock(nn.Module):
         voltage_decay. So it stays above the floor for any binary input as long as D (1 - (1 - d)^t) / d
         (D t for d = 0) is not beyond it: for every t when D / d is not.
         """
-        w = self.quantized_weight.detach().double()
-        drop = (-w.clamp(max=0)).flatten(1).sum(1)
+        # by blocks of output channels: VGG-11's first Linear has 103 M weights, too many to copy whole
+        weight = self.synapse.weight.detach()
+        rows = max(1, (1 << 16) // max(1, weight[0].numel()))
+        drop = torch.cat([(-quantize_weight(part if self.scale == 1.0 else part * self.scale).clamp(max=0))
+                          .flatten(1).sum(1, dtype=torch.float64) for part in weight.split(rows)])
         if self.synapse.bias is not None:
             drop = drop - self.quantized_bias.detach().double().clamp(max=0)
         units = int(round(drop.max().item() * STATE_SCALE)) if drop.numel() else 0  # per step, in 1/4096

@@ -124,23 +124,91 @@ def _gain(decay: float, steps: int) -> float:
     return float(steps) if decay == 0.0 else min(float(steps), 1.0 / decay)
 
 
-def _per_step(w: torch.Tensor, b: Optional[torch.Tensor], x_max: float, sign: int) -> torch.Tensor:
-    """Per neuron (output channel), the largest input of one sign a step can bring."""
-    s = (sign * w.reshape(w.shape[0], -1)).clamp(min=0).sum(1) * x_max
-    return s if b is None else s + (sign * b).clamp(min=0)
+#: Weights are read in blocks of whole rows (output channels) of about this many values, in float64:
+#: a block stays in cache, and no float64 copy of a large layer (VGG-11's first Linear has 103 M
+#: weights) is ever made.
+_CHUNK = 1 << 16
 
 
-def _voltage_bound(w, b, threshold, neuron: CubaNeuron, x_max, steps) -> float:
+def _row_blocks(w: torch.Tensor):
+    """The weights as [out, fan-in] float64 blocks of whole rows."""
+    rows = w.detach().reshape(w.shape[0], -1)
+    step = max(1, _CHUNK // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        yield rows[start:start + step].double()
+
+
+@dataclass
+class _Weights:
+    """What the factor depends on, read once per layer: the range, and per neuron the sums of its
+    excitatory and of its inhibitory weights (a step's largest input of each sign, linear in the factor)."""
+
+    lo: float
+    hi: float
+    pos: torch.Tensor  # float64 per output channel: sum of max(w, 0)
+    neg: torch.Tensor  # sum of max(-w, 0)
+    on_grid: bool  # every weight already on Loihi's grid
+
+    @classmethod
+    def read(cls, w: torch.Tensor) -> "_Weights":
+        pos, neg, on_grid = [], [], True
+        for rows in _row_blocks(w):
+            pos.append(rows.clamp(min=0).sum(1))
+            neg.append((-rows).clamp(min=0).sum(1))
+            on_grid = on_grid and bool(torch.equal(quantize_weight(rows), rows))
+        lo, hi = (float(v) for v in w.detach().aminmax()) if w.numel() else (0.0, 0.0)
+        empty = torch.zeros(0, dtype=torch.float64)
+        return cls(lo, hi, torch.cat(pos) if pos else empty, torch.cat(neg) if neg else empty, on_grid)
+
+    def per_step(self, b: Optional[torch.Tensor], x_max: float, sign: int, scale: float = 1.0) -> torch.Tensor:
+        """Per neuron, the largest input of one sign a step can bring, with weights and bias times ``scale``."""
+        s = (self.pos if sign > 0 else self.neg) * x_max
+        if scale != 1.0:
+            s = s * scale
+        if b is None:
+            return s
+        return s + (sign * (b if scale == 1.0 else b * scale)).clamp(min=0)
+
+
+@dataclass
+class _Quantized:
+    """One layer's weights on Loihi's grid at its factor, summed up in one pass."""
+
+    clipped: int  # scaled weights outside the grid's range
+    zeroed: int  # nonzero weights whose mantissa is 0
+    nonzero: bool  # some mantissa is not 0
+    pos: torch.Tensor  # float64 per output channel: sum of the positive quantised weights
+
+    @classmethod
+    def read(cls, w: torch.Tensor, scale: float) -> "_Quantized":
+        clipped = zeroed = 0
+        nonzero, pos = False, []
+        for rows in _row_blocks(w):
+            ws = rows * scale
+            q = quantize_weight(ws)
+            clipped += int(((ws < WEIGHT_MIN) | (ws > WEIGHT_MAX)).sum())
+            zeroed += int(((q == 0) & (rows != 0)).sum())
+            nonzero = nonzero or bool((q != 0).any())
+            pos.append(q.clamp(min=0).sum(1))
+        return cls(clipped, zeroed, nonzero, torch.cat(pos) if pos else torch.zeros(0, dtype=torch.float64))
+
+    def per_step(self, qb: Optional[torch.Tensor], x_max: float) -> torch.Tensor:
+        """Per neuron, the largest excitatory input of one step on Loihi."""
+        s = self.pos * x_max
+        return s if qb is None else s + qb.clamp(min=0)
+
+
+def _voltage_bound(stats: _Weights, b, threshold, neuron: CubaNeuron, x_max, steps) -> float:
     """Largest |voltage| within ``steps`` steps: above, the threshold plus a step's current; below, all inhibition."""
     gu, gv = _gain(neuron.current_decay, steps), _gain(neuron.voltage_decay, steps)
-    up = threshold + float(_per_step(w, b, x_max, 1).max()) * gu
-    down = float(_per_step(w, b, x_max, -1).max()) * gu * gv
+    up = threshold + float(stats.per_step(b, x_max, 1).max()) * gu
+    down = float(stats.per_step(b, x_max, -1).max()) * gu * gv
     return max(up, down)
 
 
-def _can_fire(w, b, threshold_mant: int, neuron: CubaNeuron, x_max) -> bool:
-    """Whether some neuron can get above its threshold, given all the time it needs."""
-    reach = float(_per_step(w, b, x_max, 1).max())
+def _can_fire(per_step: torch.Tensor, threshold_mant: int, neuron: CubaNeuron) -> bool:
+    """Whether some neuron can get above its threshold, given all the time it needs (``per_step``: its largest input)."""
+    reach = float(per_step.max())
     if reach <= 0.0:
         return False
     for decay in (neuron.current_decay, neuron.voltage_decay):
@@ -154,16 +222,16 @@ def _ties_exact(node: fx.Node, neuron: CubaNeuron, integer_input: bool) -> bool:
             and neuron.i_decay == P_SCALE and neuron.v_decay in (0, P_SCALE))
 
 
-def _choose(w, b, threshold, neuron, x_max, steps) -> tuple[float, str]:
+def _choose(stats: _Weights, b, threshold, neuron, x_max, steps) -> tuple[float, str]:
     """(scale, what bounded it)."""
     limits = {}
-    w_hi, w_lo = float(w.max()), float(w.min())
+    w_hi, w_lo = stats.hi, stats.lo
     limits["weights"] = min(WEIGHT_MAX / w_hi if w_hi > 0 else math.inf, WEIGHT_MIN / w_lo if w_lo < 0 else math.inf)
     if threshold > 0:
         limits["threshold"] = V_TH_MANT_TIE_EXACT / (W_SCALE * threshold)
     if b is not None and float(b.abs().max()) > 0:
         limits["bias"] = BIAS_MANT_MAX / (W_SCALE * float(b.abs().max()))
-    bound = _voltage_bound(w, b, threshold, neuron, x_max, steps)
+    bound = _voltage_bound(stats, b, threshold, neuron, x_max, steps)
     if bound > 0:
         limits["voltage"] = VOLTAGE_MAX / S_SCALE / bound  # states in units of 1/4096
     limit = min(limits, key=limits.get)
@@ -172,7 +240,7 @@ def _choose(w, b, threshold, neuron, x_max, steps) -> tuple[float, str]:
         return 1.0, "no weights"
     if scale < 1.0 and limits["weights"] >= 1.0:
         return 1.0, f"{limit} (not scaled down)"  # only clipping is worth a coarser grid
-    on_grid = bool(torch.equal(quantize_weight(w), w)) and (b is None or bool(torch.equal((b * W_SCALE).round(), b * W_SCALE)))
+    on_grid = stats.on_grid and (b is None or bool(torch.equal((b * W_SCALE).round(), b * W_SCALE)))
     if on_grid and scale >= 1.0:
         return float(math.floor(scale)), f"{limit}, integer: weights already on the grid"
     whole = math.floor(W_SCALE * threshold * scale)
@@ -210,7 +278,8 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
         integer_input = bool(torch.equal(x, x.round())) if first else True
         first = False
         neuron = block.neuron
-        w, b = block.synapse.weight.detach().double(), _bias(block)
+        w, b = block.synapse.weight, _bias(block)
+        stats = _Weights.read(w)
         threshold = neuron.requested["threshold"]
         name = _layer_name(block, node)
         if pinned is not None and name not in pinned:
@@ -227,7 +296,7 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
         elif given is not None:
             scale, limit = given, "given"
         else:
-            scale, limit = _choose(w, b, threshold, neuron, x_max, steps)
+            scale, limit = _choose(stats, b, threshold, neuron, x_max, steps)
         if given is not None and given != scale:
             raise ValueError(f"{OPTION}: layer {name!r} cannot be scaled ({limit}); give it 1.0")
         ties = enabled and _ties_exact(node, neuron, integer_input)
@@ -250,23 +319,21 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
                                                            f"lower the threshold, or compile with {OPTION}=False",
                                                            module=block), path=name))
                 continue
-        ws = w * scale
-        q = quantize_weight(ws)
-        zeroed = int(((q == 0) & (w != 0)).sum())
+        quantized = _Quantized.read(w, scale)
         report = LayerQuantization(
             layer=name, scale=scale, limit=limit, v_th_mant=mant, ties_exact=ties, weights=w.numel(),
-            clipped=int(((ws < WEIGHT_MIN) | (ws > WEIGHT_MAX)).sum()), zeroed=zeroed,
+            clipped=quantized.clipped, zeroed=quantized.zeroed,
             bias_range=None if b is None else (float(b.min() * scale), float(b.max() * scale)))
         qb = None if b is None else (b * scale * W_SCALE).round() / W_SCALE
         live = neuron if new is None else new
-        if bool((w != 0).any()) and not bool((q != 0).any()):
+        if (stats.lo != 0.0 or stats.hi != 0.0) and not quantized.nonzero:
             issues.append(dataclasses.replace(issue_at(
                 node, "a layer whose quantised weights are all zero (every weight is below half a step of "
                       "Loihi's 8-bit grid)",
                 f"scale its weights up together with its threshold and retrain"
                 + ("" if enabled else f", or compile with {OPTION}=True"), module=block), path=name))
-        elif _can_fire(ws, None if b is None else b * scale, mant, live, x_max) and not _can_fire(
-                q, qb, mant, live, x_max):
+        elif _can_fire(stats.per_step(b, x_max, 1, scale), mant, live) and not _can_fire(
+                quantized.per_step(qb, x_max), mant, live):
             issues.append(dataclasses.replace(issue_at(
                 node, "a layer that can no longer fire after quantisation (with its weights on Loihi's grid no "
                       "neuron's voltage can exceed its threshold)",
