@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxlava.neuron import CubaNeuron
-from fxlava.target import (DECAY_SCALE, STATE_SCALE, SYNAPSES, VOLTAGE_MAX, bias_mantissa, bias_out_of_range,
-                           quantize_bias, quantize_weight)
+from fxlava.target import (DECAY_SCALE, EVEN_GRID, STATE_SCALE, SYNAPSES, VOLTAGE_MAX, bias_mantissa,
+                           bias_out_of_range, quantize_bias, quantize_weight)
 
 __all__ = ["SynapseBlock", "FlattenBlock", "is_block", "window_conv"]
 
@@ -59,6 +59,9 @@ class SynapseBlock(nn.Module):
         # and a neuron whose threshold was multiplied by it too. ``synapse.weight`` stays in the
         # model's units, so it is what training updates and what goes back into the model.
         self.scale = 1.0
+        # The grid of weight mantissas (fxlava.target): lava-dl's EVEN_GRID unless co-scaling chose
+        # FINE_GRID, which fits int8 in the netx file.
+        self.weight_grid = EVEN_GRID
 
     @property
     def layer(self) -> str:
@@ -83,8 +86,8 @@ class SynapseBlock(nn.Module):
 
     @property
     def quantized_weight(self) -> torch.Tensor:
-        """The weights Loihi runs: ``scaled_weight`` on the 8-bit grid."""
-        return quantize_weight(self.scaled_weight)
+        """The weights Loihi runs: ``scaled_weight`` on the block's 8-bit grid (``weight_grid``)."""
+        return quantize_weight(self.scaled_weight, self.weight_grid)
 
     @property
     def bias(self):
@@ -114,8 +117,14 @@ class SynapseBlock(nn.Module):
         # by blocks of output channels: VGG-11's first Linear has 103 M weights, too many to copy whole
         weight = self.synapse.weight.detach()
         rows = max(1, (1 << 16) // max(1, weight[0].numel()))
-        drop = torch.cat([(-quantize_weight(part if self.scale == 1.0 else part * self.scale).clamp(max=0))
-                          .flatten(1).sum(1, dtype=torch.float64) for part in weight.split(rows)])
+        grid = self.weight_grid
+        lo = grid.mant_min // grid.mant_step
+
+        def inhibition(part):  # -sum of the negative quantised weights of each row, in mantissa steps
+            steps = (part * self.scale).mul_(1 / grid.step) if self.scale != 1.0 else part * (1 / grid.step)
+            return steps.round_().clamp_(lo, 0).flatten(1).sum(1, dtype=torch.float64).neg_()
+
+        drop = torch.cat([inhibition(part) for part in weight.split(rows)]) * grid.step
         if self.synapse.bias is not None:
             drop = drop - self.quantized_bias.detach().double().clamp(max=0)
         units = int(round(drop.max().item() * STATE_SCALE)) if drop.numel() else 0  # per step, in 1/4096
@@ -150,6 +159,7 @@ class SynapseBlock(nn.Module):
 
     def extra_repr(self) -> str:
         scale = f", scale={self.scale:g}" if self.scale != 1.0 else ""
+        scale += f", weight_grid={self.weight_grid.name}" if self.weight_grid is not EVEN_GRID else ""
         relays = f", relay_channels={self.relay_channels}" if self.relay_channels else ""
         return f"kind={self.kind}, source={list(self.source)}{scale}{relays}"
 

@@ -15,7 +15,6 @@ import torch.nn as nn
 import fxlava
 from fxlava.blocks import SynapseBlock
 from fxlava.options import add_arguments, from_arguments
-from fxlava.target import WEIGHT_MAX, WEIGHT_MIN, quantize_weight
 
 
 def _load_object(spec: str, what: str):
@@ -65,16 +64,16 @@ def layer_table(net: fxlava.CompiledNetwork) -> str:
     """One row per netx layer: type, shape, neurons, synapses, neuron parameters, co-scaling, quantisation of weights and bias."""
     has_bias = any(getattr(b, "bias", None) is not None for b in net.blocks)
     head = ("#", "layer", "output", "neurons", "synapses", "threshold (vThMant)", "iDecay", "vDecay", "scale",
-            "weights x scale -> quantised", "clipped", "to zero") + (("bias quantised (bias_mant)",) if has_bias else ())
+            "weights x scale -> quantised (grid)", "clipped", "to zero") + (("bias quantised (bias_mant)",) if has_bias else ())
     rows = [head, ("0", "input", "x".join(map(str, net.input_shape))) + ("",) * (len(head) - 3)]
     for i, (block, slayer_block) in enumerate(zip(net.blocks, net.lava_dl), start=1):
         if isinstance(block, SynapseBlock):
-            w = block.scaled_weight.detach()
-            q = quantize_weight(w).detach()
+            w, grid = block.scaled_weight.detach(), block.weight_grid
+            q = block.quantized_weight.detach()
             shape = tuple(slayer_block.neuron.shape)
             n = int(torch.tensor(shape).prod())
-            rng = f"[{w.min():.3f}, {w.max():.3f}] -> [{q.min():.3f}, {q.max():.3f}]"
-            clipped = int(((w < WEIGHT_MIN) | (w > WEIGHT_MAX)).sum())
+            rng = f"[{w.min():.3f}, {w.max():.3f}] -> [{q.min():.3f}, {q.max():.3f}] ({grid.name})"
+            clipped = int(((w < grid.min) | (w > grid.max)).sum())
             zeroed = int(((q == 0) & (w != 0)).sum())
             nr = block.neuron
             row = (str(i), block.kind, "x".join(map(str, shape)), str(n), str(w.numel()),

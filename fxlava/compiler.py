@@ -112,10 +112,17 @@ class CompiledNetwork(nn.Module):
 
     @property
     def scales(self) -> dict[str, float]:
-        """Each layer's co-scaling factor, ``{layer: scale}``; ``compile(..., coscale=net.scales)`` reuses them."""
+        """Each layer's co-scaling factor, ``{layer: scale}``; ``compile(..., coscale=net.coscale)`` reuses them with their grids."""
         from fxlava.blocks import SynapseBlock
 
         return {b.layer: b.scale for b in self.blocks if isinstance(b, SynapseBlock)}
+
+    @property
+    def coscale(self) -> dict[str, tuple[float, str]]:
+        """Each layer's factor and weight grid, ``{layer: (scale, grid)}``: ``compile(..., coscale=net.coscale)`` rebuilds this network."""
+        from fxlava.blocks import SynapseBlock
+
+        return {b.layer: (b.scale, b.weight_grid.name) for b in self.blocks if isinstance(b, SynapseBlock)}
 
     @property
     def blocks(self) -> list[nn.Module]:

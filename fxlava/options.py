@@ -21,12 +21,20 @@ def _option(default, choices: tuple, help: str, check=None, flag=None):
 
 
 def _check_coscale(value) -> None:
+    from fxlava.target import WEIGHT_GRIDS
+
+    def factor(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+    def pinned(v):
+        return factor(v) or (isinstance(v, (tuple, list)) and len(v) == 2 and factor(v[0]) and v[1] in WEIGHT_GRIDS)
+
     if value is True or value is False:
         return
-    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0
-                                       for k, v in value.items()):
+    if isinstance(value, dict) and all(isinstance(k, str) and pinned(v) for k, v in value.items()):
         return
-    raise ValueError(f"coscale={value!r}: expected True, False or {{layer: scale}} (net.scales of an earlier compile)")
+    raise ValueError(f"coscale={value!r}: expected True, False, {{layer: scale}} (net.scales of an earlier compile) "
+                     f"or {{layer: (scale, grid)}} (net.coscale; grids {', '.join(map(repr, WEIGHT_GRIDS))})")
 
 
 @dataclass(frozen=True)
@@ -44,8 +52,8 @@ class CompileOptions:
     coscale: Union[bool, dict] = _option(
         True, (),
         "multiply each layer's weights, bias and threshold by one factor that fills Loihi's 8-bit weight range "
-        "(coscale_layers); False keeps them as the model has them; {layer: scale} (net.scales) reuses the "
-        "factors of an earlier compile",
+        "(coscale_layers); False keeps them as the model has them; {layer: (scale, grid)} (net.coscale) reuses "
+        "the factors and weight grids of an earlier compile",
         check=_check_coscale,
         flag=("--no-coscale", dict(action="store_false",
                                    help="keep every layer's weights and threshold as the model has them "

@@ -16,6 +16,7 @@ Numbers measured or read from lava-dl 0.6.0 and lava-nc 0.10.0 (see DESIGN.md).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
@@ -28,7 +29,7 @@ __all__ = [
     "WEIGHT_MAX", "DECAY_BITS", "DECAY_SCALE", "STATE_SCALE", "NEURON_SCALE", "V_TH_MANT_BITS", "V_TH_MANT_MAX",
     "V_TH_MANT_TIE_EXACT",
     "BIAS_MANT_BITS", "BIAS_MANT_MIN", "BIAS_MANT_MAX", "BIAS_EXP", "MAX_DELAY", "VOLTAGE_BITS", "VOLTAGE_MIN",
-    "VOLTAGE_MAX", "quantize_weight", "BIAS_STEP", "BIAS_MIN", "BIAS_MAX", "quantize_bias", "bias_mantissa",
+    "VOLTAGE_MAX", "WeightGrid", "EVEN_GRID", "FINE_GRID", "WEIGHT_GRIDS", "quantize_weight", "BIAS_STEP", "BIAS_MIN", "BIAS_MAX", "quantize_bias", "bias_mantissa",
     "bias_out_of_range",
     "SYNAPSES", "AVG_POOLS", "MAX_POOLS", "ADAPTIVE_POOLS", "FLATTENS", "NORMS", "IDENTITIES", "ROLES",
     "MAY_FEED", "role_of", "is_neuron", "is_stateful", "NETX_LAYER_TYPES", "NETX_NOT_IMPLEMENTED",
@@ -38,8 +39,9 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # Fixed-point formats
 
-#: Weights are 8-bit mantissas at scale 1 << 6: even mantissas in [-256, 254], i.e. multiples of
-#: 2/64 in [-4, 3.97] (slayer.neuron.base.Neuron.quantize_8bit; netx casts them with astype(int)).
+#: Weights are 8-bit mantissas at scale 1 << 6. lava-dl's own grid: even mantissas in [-256, 254], i.e.
+#: multiples of 2/64 in [-4, 3.97] (slayer.neuron.base.Neuron.quantize_8bit; netx casts them with
+#: astype(int)). The WEIGHT_* names below are that grid; ``WeightGrid`` describes both grids fxlava uses.
 WEIGHT_SCALE = 1 << 6
 WEIGHT_MANT_BITS = 8
 WEIGHT_MANT_MIN = -(1 << WEIGHT_MANT_BITS)  # -256
@@ -83,6 +85,44 @@ VOLTAGE_MAX = (1 << (VOLTAGE_BITS - 1)) - 1
 VOLTAGE_MIN = -VOLTAGE_MAX
 
 
+@dataclass(frozen=True)
+class WeightGrid:
+    """A grid of 8-bit weight mantissas at scale 64 (``WEIGHT_SCALE``) that lava-dl, netx and Lava all run exactly."""
+
+    name: str  # the step, as the layer table shows it
+    mant_step: int
+    mant_min: int
+    mant_max: int
+
+    @property
+    def step(self) -> float:
+        return self.mant_step / WEIGHT_SCALE
+
+    @property
+    def min(self) -> float:
+        return self.mant_min / WEIGHT_SCALE
+
+    @property
+    def max(self) -> float:
+        return self.mant_max / WEIGHT_SCALE
+
+    def __str__(self) -> str:
+        return f"steps of {self.name} in [{self.min:g}, {self.max:g}]"
+
+
+#: lava-dl's grid (slayer's quantize_8bit): even mantissas in [-256, 254]. Stored in a netx file they
+#: need int16 once they pass [-128, 127]. Kept where weights must stay as they are: co-scaling off,
+#: weights already on this grid (quantisation-aware training without co-scaling), pools and relays.
+EVEN_GRID = WeightGrid("2/64", 2, WEIGHT_MANT_MIN, WEIGHT_MANT_MAX)
+#: Every mantissa in [-128, 127]: as many levels as EVEN_GRID over half its range, and int8 in the file.
+#: netx reads a layer's ``weight`` as the mantissas themselves: a conv as they are, a dense layer through
+#: optimize_weight_bits (lava/lib/dl/netx/utils.py), which shifts odd [-128, 127] mantissas left by one
+#: bit with weight exponent -1, exactly as it treats even ones; Lava's CPU Dense and Conv take any
+#: integer. Co-scaled layers use this grid: the factor fills its range instead of EVEN_GRID's.
+FINE_GRID = WeightGrid("1/64", 1, -(1 << (WEIGHT_MANT_BITS - 1)), (1 << (WEIGHT_MANT_BITS - 1)) - 1)
+WEIGHT_GRIDS = {grid.name: grid for grid in (EVEN_GRID, FINE_GRID)}
+
+
 class _RoundSTE(torch.autograd.Function):
     """Round to multiples of ``step``; the gradient passes straight through (as slayer's quantize does)."""
 
@@ -95,9 +135,9 @@ class _RoundSTE(torch.autograd.Function):
         return grad, None
 
 
-def quantize_weight(w: torch.Tensor) -> torch.Tensor:
-    """The weights Loihi runs: rounded to multiples of 2/64 and clipped, exactly as lava-dl does."""
-    return _RoundSTE.apply(w, WEIGHT_STEP).clamp(WEIGHT_MIN, WEIGHT_MAX)
+def quantize_weight(w: torch.Tensor, grid: WeightGrid = EVEN_GRID) -> torch.Tensor:
+    """The weights Loihi runs: rounded to the grid's step and clipped to its range (EVEN_GRID: as lava-dl does)."""
+    return _RoundSTE.apply(w, grid.step).clamp(grid.min, grid.max)
 
 
 def quantize_bias(b: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,16 @@
 """coscale_layers: per layer, one factor on weights, bias and threshold that fills Loihi's 8-bit weights.
 
-Loihi keeps a layer's weights as 8-bit mantissas at scale 64: multiples of 2/64 in
-[-256/64, 254/64]. A trained layer whose largest weight is 0.4 uses a tenth of that range, and
-its small weights round to zero. A CUBA neuron with reset to 0 (IF, LIF, PLIF, CUBA) is linear
-in its input, voltage, bias and threshold together: multiplying the layer's weights, bias and
-threshold by one factor ``s`` changes no spike in real arithmetic, only what rounds. So per
-layer this pass picks the largest ``s`` that Loihi's formats allow:
+Loihi keeps a layer's weights as 8-bit mantissas at scale 64. lava-dl's grid is the even
+mantissas, multiples of 2/64 in [-256/64, 254/64] (``fxlava.target.EVEN_GRID``); every mantissa
+in [-128, 127], multiples of 1/64 in [-2, 127/64] (``FINE_GRID``), has as many levels, runs
+exactly in netx and Lava too, and fits an int8 in the netx file. A trained layer whose largest
+weight is 0.4 uses a fifth of that range, and its small weights round to zero. A CUBA neuron
+with reset to 0 (IF, LIF, PLIF, CUBA) is linear in its input, voltage, bias and threshold
+together: multiplying the layer's weights, bias and threshold by one factor ``s`` changes no
+spike in real arithmetic, only what rounds. So per layer this pass picks the largest ``s`` that
+Loihi's formats allow:
 
-* weights: ``s * w`` in [-256/64, 254/64] (nothing clipped);
+* weights: ``s * w`` within the grid's range (nothing clipped);
 * threshold: ``s * threshold`` below 64 (vThMant <= 4095): the 17-bit field holds more, but from
   64 up slayer fires at ties where Loihi does not (``fxlava.neuron``), so lava-dl and Lava would
   differ;
@@ -16,13 +19,20 @@ layer this pass picks the largest ``s`` that Loihi's formats allow:
   excitatory input spiking each step, or every inhibitory one) within Loihi's 24-bit voltage.
 
 It never scales a layer down except to avoid clipping. ``s`` is then rounded down so that the
-threshold is exact (``64 s threshold`` an integer), or, when the weights (and bias) already sit
-on Loihi's grid, to an integer, which keeps them exact. The weights of ``block.synapse`` stay in
+threshold is exact (``64 s threshold`` an integer). Weights (and bias) that already sit on
+lava-dl's grid (built so, or trained on the compiled graph without co-scaling) keep that grid
+and an integer factor, which keeps them exact; every other co-scaled layer gets FINE_GRID
+(``block.weight_grid``, and the layer's record says which). The weights of ``block.synapse`` stay in
 the model's units (what training updates, and what goes back into the model); ``block.scale``
 holds ``s``, ``block.scaled_weight`` is what Loihi's mantissas are made from, and the neuron is
 a ``CubaNeuron`` with the scaled threshold and ``coscale=s``, so its surrogate gradient is the
-model's. Trained with the compiled graph (quantisation-aware training), the factor stays the
-one chosen at compile time.
+model's. Trained with the compiled graph (quantisation-aware training), the factor and the grid
+stay the ones chosen at compile time; ``coscale=net.coscale`` compiles the trained model again
+with them.
+
+Each layer's weights are read once, in blocks of rows that stay in cache: their range, and per
+neuron the sums of its excitatory and of its inhibitory weights, which bound a step's input and
+scale linearly with ``s``; then they are quantised once, at the chosen factor.
 
 Ties. SpikingJelly's float neurons fire at ``v >= threshold``, Loihi at ``v > threshold``. Where
 every voltage a layer can reach lies on Loihi's 1/64 grid the two agree exactly once the
@@ -33,13 +43,13 @@ grid. Leaky neurons truncate their voltage to 1/4096 each step, so no threshold 
 ``>=``; Loihi then fires like SpikingJelly with the threshold raised by one voltage step,
 1/4096 in the scaled units (1/(4096 s) in the model's).
 
-Not scaled: pooling layers (the fixed ones weights of a sum pool or an OR layer, already exact),
-``lava_exchange.CubaLIFNode`` layers (already Loihi's fixed-point neuron, kept bit for bit), layers that
-carry a skip path as relay channels (``lower_residuals``: a relay's weight, 254/64, must stay above the
-threshold), and
-every layer with ``fxlava.compile(model, x, coscale=False)``, which compiles as without this pass.
+Not scaled, and kept on lava-dl's grid: pooling layers (the fixed weights of a sum pool or an OR
+layer, already exact), ``lava_exchange.CubaLIFNode`` layers (already Loihi's fixed-point neuron,
+kept bit for bit), layers that carry a skip path as relay channels (``lower_residuals``: a
+relay's weight, 254/64, must stay above the threshold), and every layer with
+``fxlava.compile(model, x, coscale=False)``, which compiles as without this pass.
 
-Every layer's outcome is recorded: the factor and what bounded it, the threshold mantissa,
+Every layer's outcome is recorded: the factor and what bounded it, the weight grid, the threshold mantissa,
 weights clipped, weights rounded to zero (count and share) and the bias range. A layer whose
 quantised weights are all zero, or that can no longer fire (its largest reachable voltage is
 not above its threshold, where the float weights could fire), is refused, naming the layer;
@@ -63,8 +73,8 @@ from fxlava.errors import Issue, QuantizationWarning, issue_at, user_stacklevel
 from fxlava.neuron import P_SCALE, S_SCALE, W_SCALE, CubaNeuron
 from fxlava.pass_manager import CompileContext, PassResult
 from fxlava.rewrite import module_of
-from fxlava.target import (BIAS_MANT_MAX, V_TH_MANT_TIE_EXACT, VOLTAGE_MAX, WEIGHT_MAX, WEIGHT_MIN,
-                           quantize_weight)
+from fxlava.target import (BIAS_MANT_MAX, EVEN_GRID, FINE_GRID, V_TH_MANT_TIE_EXACT, VOLTAGE_MAX, WEIGHT_GRIDS,
+                           WeightGrid, quantize_weight)
 
 PASS = "coscale_layers"
 OPTION = "coscale"  # fxlava.compile(..., coscale=False) keeps every factor at 1
@@ -87,6 +97,7 @@ class LayerQuantization:
     clipped: int
     zeroed: int  # nonzero weights whose mantissa is 0
     bias_range: Optional[tuple] = None  # (min, max) of the scaled bias, in the threshold's units
+    grid: WeightGrid = EVEN_GRID  # the weight mantissas' grid (fxlava.target)
 
     @property
     def zero_share(self) -> float:
@@ -95,7 +106,8 @@ class LayerQuantization:
     def describe(self) -> str:
         bias = "" if self.bias_range is None else f", bias [{self.bias_range[0]:.4g}, {self.bias_range[1]:.4g}]"
         ties = ", ties as SpikingJelly (v >= threshold)" if self.ties_exact else ""
-        return (f"{self.layer}: scale x{self.scale:.6g} ({self.limit}), vThMant {self.v_th_mant}{ties}; "
+        return (f"{self.layer}: scale x{self.scale:.6g} ({self.limit}), weights on {self.grid}, "
+                f"vThMant {self.v_th_mant}{ties}; "
                 f"weights clipped {self.clipped}, rounded to zero {self.zeroed}/{self.weights} "
                 f"({self.zero_share:.1%}){bias}")
 
@@ -105,6 +117,7 @@ class _Plan:
     node: fx.Node
     block: SynapseBlock
     scale: float
+    grid: WeightGrid
     neuron: Optional[CubaNeuron]  # the replacement neuron, None to keep it
     report: LayerQuantization
 
@@ -124,18 +137,18 @@ def _gain(decay: float, steps: int) -> float:
     return float(steps) if decay == 0.0 else min(float(steps), 1.0 / decay)
 
 
-#: Weights are read in blocks of whole rows (output channels) of about this many values, in float64:
-#: a block stays in cache, and no float64 copy of a large layer (VGG-11's first Linear has 103 M
+#: Weights are read in blocks of whole rows (output channels) of about this many values: a block
+#: stays in cache, and no temporary the size of a large layer (VGG-11's first Linear has 103 M
 #: weights) is ever made.
 _CHUNK = 1 << 16
 
 
 def _row_blocks(w: torch.Tensor):
-    """The weights as [out, fan-in] float64 blocks of whole rows."""
+    """The weights as [out, fan-in] blocks of whole rows, in the weights' own dtype."""
     rows = w.detach().reshape(w.shape[0], -1)
     step = max(1, _CHUNK // max(1, rows.shape[1]))
     for start in range(0, rows.shape[0], step):
-        yield rows[start:start + step].double()
+        yield rows[start:start + step]
 
 
 @dataclass
@@ -147,15 +160,17 @@ class _Weights:
     hi: float
     pos: torch.Tensor  # float64 per output channel: sum of max(w, 0)
     neg: torch.Tensor  # sum of max(-w, 0)
-    on_grid: bool  # every weight already on Loihi's grid
+    on_grid: bool  # every weight already on lava-dl's grid (EVEN_GRID)
 
     @classmethod
     def read(cls, w: torch.Tensor) -> "_Weights":
         pos, neg, on_grid = [], [], True
         for rows in _row_blocks(w):
-            pos.append(rows.clamp(min=0).sum(1))
-            neg.append((-rows).clamp(min=0).sum(1))
-            on_grid = on_grid and bool(torch.equal(quantize_weight(rows), rows))
+            # summed in the weights' dtype (float32 sums twice as fast as float64 here): a bound, to
+            # within a relative 1e-6, which the rounding of the factor below absorbs
+            pos.append(rows.clamp(min=0).sum(1).double())
+            neg.append(rows.clamp(max=0).sum(1).double().neg_())
+            on_grid = on_grid and bool(torch.equal(quantize_weight(rows, EVEN_GRID), rows))
         lo, hi = (float(v) for v in w.detach().aminmax()) if w.numel() else (0.0, 0.0)
         empty = torch.zeros(0, dtype=torch.float64)
         return cls(lo, hi, torch.cat(pos) if pos else empty, torch.cat(neg) if neg else empty, on_grid)
@@ -180,16 +195,26 @@ class _Quantized:
     pos: torch.Tensor  # float64 per output channel: sum of the positive quantised weights
 
     @classmethod
-    def read(cls, w: torch.Tensor, scale: float) -> "_Quantized":
+    def read(cls, w: torch.Tensor, scale: float, grid: WeightGrid, stats: "_Weights") -> "_Quantized":
+        # Mantissa steps round(w * scale / step) in the weights' dtype: w * scale rounds as
+        # block.scaled_weight does, and the step is a power of two, so these are the mantissas of
+        # block.quantized_weight, with as few passes over the weights as that takes.
+        lo, hi = grid.mant_min // grid.mant_step, grid.mant_max // grid.mant_step
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        span = torch.tensor([stats.lo, stats.hi], dtype=dtype) * scale
+        may_clip = bool(span[0] < grid.min) or bool(span[1] > grid.max)
         clipped = zeroed = 0
         nonzero, pos = False, []
         for rows in _row_blocks(w):
-            ws = rows * scale
-            q = quantize_weight(ws)
-            clipped += int(((ws < WEIGHT_MIN) | (ws > WEIGHT_MAX)).sum())
-            zeroed += int(((q == 0) & (rows != 0)).sum())
-            nonzero = nonzero or bool((q != 0).any())
-            pos.append(q.clamp(min=0).sum(1))
+            if may_clip:
+                ws = rows * scale
+                clipped += int((ws < grid.min).sum()) + int((ws > grid.max).sum())
+            steps = (rows * scale).mul_(1 / grid.step) if scale != 1.0 else rows * (1 / grid.step)
+            steps.round_().clamp_(lo, hi)
+            kept = int(steps.count_nonzero())
+            zeroed += int(rows.count_nonzero()) - kept  # a zero weight has a zero mantissa
+            nonzero = nonzero or kept > 0
+            pos.append(steps.clamp_(min=0).sum(1, dtype=torch.float64).mul_(grid.step))
         return cls(clipped, zeroed, nonzero, torch.cat(pos) if pos else torch.zeros(0, dtype=torch.float64))
 
     def per_step(self, qb: Optional[torch.Tensor], x_max: float) -> torch.Tensor:
@@ -222,11 +247,22 @@ def _ties_exact(node: fx.Node, neuron: CubaNeuron, integer_input: bool) -> bool:
             and neuron.i_decay == P_SCALE and neuron.v_decay in (0, P_SCALE))
 
 
-def _choose(stats: _Weights, b, threshold, neuron, x_max, steps) -> tuple[float, str]:
-    """(scale, what bounded it)."""
+def _on_even_grid(stats: _Weights, b) -> bool:
+    """Weights (and bias) already on lava-dl's grid: quantisation-aware trained without co-scaling, or built so."""
+    return stats.on_grid and (b is None or bool(torch.equal((b * W_SCALE).round(), b * W_SCALE)))
+
+
+def _choose(stats: _Weights, b, threshold, neuron, x_max, steps) -> tuple[float, str, WeightGrid]:
+    """(scale, what bounded it, weight grid).
+
+    Weights already on lava-dl's grid keep it, with a whole factor, so that they stay exact; every
+    other layer's factor fills FINE_GRID's range, whose mantissas fit int8 in the netx file.
+    """
+    on_grid = _on_even_grid(stats, b)
+    grid = EVEN_GRID if on_grid else FINE_GRID
     limits = {}
     w_hi, w_lo = stats.hi, stats.lo
-    limits["weights"] = min(WEIGHT_MAX / w_hi if w_hi > 0 else math.inf, WEIGHT_MIN / w_lo if w_lo < 0 else math.inf)
+    limits["weights"] = min(grid.max / w_hi if w_hi > 0 else math.inf, grid.min / w_lo if w_lo < 0 else math.inf)
     if threshold > 0:
         limits["threshold"] = V_TH_MANT_TIE_EXACT / (W_SCALE * threshold)
     if b is not None and float(b.abs().max()) > 0:
@@ -237,16 +273,15 @@ def _choose(stats: _Weights, b, threshold, neuron, x_max, steps) -> tuple[float,
     limit = min(limits, key=limits.get)
     scale = limits[limit]
     if not math.isfinite(scale):
-        return 1.0, "no weights"
+        return 1.0, "no weights", EVEN_GRID
     if scale < 1.0 and limits["weights"] >= 1.0:
-        return 1.0, f"{limit} (not scaled down)"  # only clipping is worth a coarser grid
-    on_grid = stats.on_grid and (b is None or bool(torch.equal((b * W_SCALE).round(), b * W_SCALE)))
+        return 1.0, f"{limit} (not scaled down)", grid  # only clipping is worth a coarser grid
     if on_grid and scale >= 1.0:
-        return float(math.floor(scale)), f"{limit}, integer: weights already on the grid"
+        return float(math.floor(scale)), f"{limit}, integer: weights already on the grid", grid
     whole = math.floor(W_SCALE * threshold * scale)
     if whole >= 1:
-        return whole / (W_SCALE * threshold), limit
-    return scale, limit
+        return whole / (W_SCALE * threshold), limit, grid
+    return scale, limit, grid
 
 
 def _threshold_units(scale: float, threshold: float) -> Fraction:
@@ -256,8 +291,17 @@ def _threshold_units(scale: float, threshold: float) -> Fraction:
     return Fraction(whole) if abs(exact - whole) < Fraction(1, 1 << 30) else exact
 
 
+def _given(value) -> tuple[Optional[float], Optional[WeightGrid]]:
+    """A pinned layer's (scale, grid): ``s`` or ``(s, grid name)`` (``net.coscale``); None for no pin or no grid."""
+    if value is None:
+        return None, None
+    if isinstance(value, (tuple, list)):
+        return float(value[0]), WEIGHT_GRIDS[value[1]]
+    return float(value), None
+
+
 def _option(ctx: CompileContext):
-    """True, False, or the factors to use, {layer: scale} (``net.scales`` of an earlier compile)."""
+    """True, False, or the factors to use: {layer: scale} (``net.scales``) or {layer: (scale, grid)} (``net.coscale``)."""
     return ctx.options.get(OPTION, True)  # checked by fxlava.options.CompileOptions
 
 
@@ -284,7 +328,8 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
         name = _layer_name(block, node)
         if pinned is not None and name not in pinned:
             raise ValueError(f"{OPTION}: no scale given for layer {name!r}; layers: {_layer_names(gm)}")
-        given = None if pinned is None else float(pinned.pop(name))
+        given, given_grid = _given(None if pinned is None else pinned.pop(name))
+        grid = EVEN_GRID
         if not enabled:
             scale, limit = 1.0, f"off ({OPTION}=False)"
         elif not block.synapse.weight.requires_grad or block.kind in ("sumpool", "maxpool"):
@@ -295,10 +340,14 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
             scale, limit = 1.0, "fixed-point neuron, kept bit for bit"
         elif given is not None:
             scale, limit = given, "given"
+            grid = given_grid or (EVEN_GRID if _on_even_grid(stats, b) and scale.is_integer() else FINE_GRID)
         else:
-            scale, limit = _choose(stats, b, threshold, neuron, x_max, steps)
+            scale, limit, grid = _choose(stats, b, threshold, neuron, x_max, steps)
         if given is not None and given != scale:
             raise ValueError(f"{OPTION}: layer {name!r} cannot be scaled ({limit}); give it 1.0")
+        if given_grid is not None and given_grid is not grid:
+            raise ValueError(f"{OPTION}: layer {name!r} keeps weights on {grid} ({limit}); give it "
+                             f"({scale!r}, {grid.name!r})")
         ties = enabled and _ties_exact(node, neuron, integer_input)
         exact = _threshold_units(scale, threshold)
         if ties and exact > 0:
@@ -319,11 +368,11 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
                                                            f"lower the threshold, or compile with {OPTION}=False",
                                                            module=block), path=name))
                 continue
-        quantized = _Quantized.read(w, scale)
+        quantized = _Quantized.read(w, scale, grid, stats)
         report = LayerQuantization(
             layer=name, scale=scale, limit=limit, v_th_mant=mant, ties_exact=ties, weights=w.numel(),
             clipped=quantized.clipped, zeroed=quantized.zeroed,
-            bias_range=None if b is None else (float(b.min() * scale), float(b.max() * scale)))
+            bias_range=None if b is None else (float(b.min() * scale), float(b.max() * scale)), grid=grid)
         qb = None if b is None else (b * scale * W_SCALE).round() / W_SCALE
         live = neuron if new is None else new
         if (stats.lo != 0.0 or stats.hi != 0.0) and not quantized.nonzero:
@@ -339,7 +388,7 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
                       "neuron's voltage can exceed its threshold)",
                 f"raise its weights against its threshold and retrain"
                 + ("" if enabled else f", or compile with {OPTION}=True"), module=block), path=name))
-        plans.append(_Plan(node, block, scale, new, report))
+        plans.append(_Plan(node, block, scale, grid, new, report))
     if pinned:
         raise ValueError(f"{OPTION}: scales given for layers this model does not have: {sorted(pinned)}; "
                          f"layers: {_layer_names(gm)}")
@@ -360,6 +409,9 @@ def coscale_layers(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         if plan.neuron is not None:
             block.scale = plan.scale * block.scale
             block.neuron = plan.neuron
+            changed = True
+        if plan.grid is not block.weight_grid:
+            block.weight_grid = plan.grid
             changed = True
         block.quantization = report
         ctx.record(PASS, report.describe())

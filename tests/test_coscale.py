@@ -8,6 +8,7 @@ import copy
 import inspect
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -16,7 +17,7 @@ from spikingjelly.activation_based import functional, layer, neuron, surrogate
 import fxlava
 from fxlava.blocks import SynapseBlock
 from fxlava.passes.coscale_layers import ZERO_SHARE_WARNING
-from fxlava.rules import WEIGHT_MAX
+from fxlava.target import EVEN_GRID, FINE_GRID
 
 
 def _seq(*mods):
@@ -98,8 +99,9 @@ def test_float_weights_fill_the_weight_range_and_keep_the_threshold_exact():
     for b in (b for b in net.blocks if isinstance(b, SynapseBlock)):
         r = b.quantization
         assert r.limit == "weights" and r.clipped == 0
-        # the largest weight within one threshold step of the top of the range
-        assert b.scaled_weight.abs().max() > WEIGHT_MAX * (1 - 1 / (64 * b.scale)) - 1e-6
+        # float weights go on the int8 grid, and the largest one within one threshold step of its top
+        assert b.weight_grid is FINE_GRID and r.grid is FINE_GRID
+        assert b.scaled_weight.abs().max() > FINE_GRID.max * (1 - 1 / (64 * b.scale)) - 1e-6
         assert b.neuron.v_th_mant + 1 == round(64 * b.scale)  # threshold 1 x scale, exact, one step lower for ties
         assert b.neuron.coscale == b.scale
     # the model's weights are untouched; the graph's parameters stay in the model's units
@@ -156,7 +158,7 @@ def test_option_off_compiles_as_before():
     assert [b.neuron.v_th_mant for b in net.blocks if isinstance(b, SynapseBlock)] == [64, 64]
     assert all(b.scale == 1.0 for b in net.blocks if isinstance(b, SynapseBlock))
     assert any("off (coscale=False)" in m for p, m in net.records if p == "coscale_layers")
-    with pytest.raises(ValueError, match=r"coscale='no': expected True, False or \{layer: scale\}"):
+    with pytest.raises(ValueError, match=r"coscale='no': expected True, False, \{layer: scale\}"):
         fxlava.compile(model, x, coscale="no")
 
 
@@ -275,3 +277,80 @@ def test_coscaled_graph_trains_like_the_unscaled_one():
         assert g_off.abs().sum() > 0
         # not equal: the scaled threshold's mantissa puts the surrogate's centre up to 1/(64 scale) apart
         assert ((g_on - g_off).norm() / g_off.norm()).item() < 0.05
+
+
+# --- the weight grid ---------------------------------------------------------------------------------
+
+
+def _float_conv_net(seed=20):
+    model = _seq(layer.Conv2d(3, 8, 3, padding=1, bias=False), neuron.IFNode(), layer.Flatten(),
+                 layer.Linear(8 * 4 * 4, 16, bias=False), neuron.IFNode())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3)
+    return model
+
+
+def test_float_layers_take_the_int8_grid_and_grid_layers_keep_lava_dls():
+    x = _spikes(8, 4, 3, 4, 4, seed=21)
+    synapses = lambda net: [b for b in net.blocks if isinstance(b, SynapseBlock)]  # noqa: E731
+    floats = fxlava.compile(_float_conv_net(), x)
+    assert [b.weight_grid for b in synapses(floats)] == [FINE_GRID, FINE_GRID]
+    for b in synapses(floats):
+        mant = b.quantized_weight * 64
+        assert torch.equal(mant, mant.round()) and -128 <= mant.min() and mant.max() <= 127
+        assert bool((mant % 2 != 0).any())  # odd mantissas: lava-dl's grid could not hold these weights
+    assert all("weights on steps of 1/64 in [-2, 1.98438]" in m for p, m in floats.records
+               if p == "coscale_layers" and "scale x" in m)
+    # weights on lava-dl's grid keep it (and an integer factor); co-scaling off keeps it everywhere
+    on_grid = fxlava.compile(_grid(_if_net(), seed=22), x)
+    assert [(b.weight_grid, b.scale.is_integer()) for b in synapses(on_grid)] == [(EVEN_GRID, True)] * 2
+    assert all(b.weight_grid is EVEN_GRID for b in synapses(fxlava.compile(_float_conv_net(), x, coscale=False)))
+    # the layer table says which grid each layer uses
+    from fxlava.cli import layer_table
+    table = layer_table(floats)
+    assert table.count("(1/64)") == 2 and "(2/64)" not in table
+
+
+def test_given_factors_and_grids_rebuild_the_network():
+    x = _spikes(8, 4, 3, 4, 4, seed=23)
+    for model in (_grid(_if_net(), seed=24), _float_conv_net(seed=25)):
+        net = fxlava.compile(model, x)
+        with torch.no_grad():  # trained further: off every grid
+            for p in model.parameters():
+                p.mul_(1.01)
+        again = fxlava.compile(model, x, coscale=net.coscale)
+        assert again.coscale == net.coscale
+    # a pooling layer stays on lava-dl's grid whatever it is given
+    pooled = _seq(layer.Conv2d(3, 4, 3, padding=1, bias=False), neuron.IFNode(), layer.MaxPool2d(2),
+                  layer.Flatten(), layer.Linear(16, 4, bias=False), neuron.IFNode())
+    given = fxlava.compile(pooled, x).coscale
+    pool = next(k for k, (s, g) in given.items() if g == "2/64")
+    with pytest.raises(fxlava.PassError, match=rf"layer '{pool}' keeps weights on steps of 2/64 .*\(1.0, '2/64'\)"):
+        fxlava.compile(pooled, x, coscale={**given, pool: (1.0, "1/64")})
+    with pytest.raises(ValueError, match=r"grids '2/64', '1/64'"):
+        fxlava.compile(pooled, x, coscale={**given, pool: (1.0, "1/32")})
+
+
+@pytest.mark.lava
+def test_int8_grid_runs_in_lava_spike_for_spike(tmp_path):
+    # odd mantissas of both signs in a conv (netx reads them as they are) and a dense layer (netx's
+    # optimize_weight_bits shifts them by one bit, weight exponent -1)
+    import h5py
+
+    model = _float_conv_net(seed=26)
+    x = _spikes(8, 3, 3, 4, 4, seed=27, rate=0.4)
+    net = fxlava.compile(model, x)
+    path = net.export_hdf5(tmp_path / "int8.net")
+    with h5py.File(path, "r") as f:
+        for layer_ in ("1", "3"):
+            w = f[f"layer/{layer_}/weight"][()]
+            assert w.dtype == np.int8 and (w % 2 != 0).any() and w.min() < -64 and w.max() > 64
+    xin = fxlava.TNX_to_NXT(x)
+    expected = net.lava_dl(xin)
+    assert torch.equal(fxlava.TNX_to_NXT(net(x)), expected)
+    assert 0 < expected.sum() < expected.numel()
+    assert torch.equal(fxlava.run_lava(path, xin), expected)
+    assert torch.equal(fxlava.load_netx(path)(xin), expected)

@@ -40,7 +40,7 @@ def test_same_fields_and_values_as_lava_dls_own_export(csnn, tmp_path):
     assert sorted(ours) == sorted(theirs)
     for name, value in theirs.items():
         assert np.array_equal(np.asarray(ours[name]), np.asarray(value)), name
-        if name.endswith("/weight"):  # int8 where the mantissas fit, else int16 (co-scaling fills -256..254)
+        if name.endswith("/weight"):  # int8 where the mantissas fit, else int16 (only lava-dl's grid needs it)
             fits = value.min() >= -128 and value.max() <= 127
             assert ours[name].dtype == (np.int8 if fits else np.int16) and value.dtype == np.float32
         else:
@@ -65,8 +65,8 @@ def test_lava_dl_is_built_without_a_forward_pass(monkeypatch):
 
 
 def test_weights_take_one_byte_each(tmp_path):
-    # without co-scaling the trained-size weights' mantissas fit an int8; co-scaled layers fill the
-    # 8-bit grid's -256..254 and take an int16 each
+    # without co-scaling these weights' mantissas fit an int8 (test_co_scaled_weights_take_one_byte_each
+    # has co-scaling on)
     csnn = fxlava.compile(MNISTNet(channels=8), spikes((4, 2, 1, 28, 28), seed=0), coscale=False)
     path = csnn.export_hdf5(tmp_path / "net.net")
     weights = 0
@@ -103,7 +103,11 @@ def test_compressed_file_is_smaller_and_netx_reads_it_alike(csnn, tmp_path):
 
     plain = csnn.export_hdf5(tmp_path / "plain.net")
     packed = csnn.export_hdf5(tmp_path / "packed.net", compress=True)
-    assert os.path.getsize(packed) < os.path.getsize(plain)
+    # gzip gains where mantissas repeat: without co-scaling, untrained weights are mostly small ones;
+    # co-scaled int8 mantissas fill their range and barely compress
+    few = fxlava.compile(MNISTNet(channels=8), spikes((4, 2, 1, 28, 28), seed=0), coscale=False)
+    assert (os.path.getsize(few.export_hdf5(tmp_path / "few_packed.net", compress=True))
+            < os.path.getsize(few.export_hdf5(tmp_path / "few_plain.net")))
     a, b = _datasets(plain), _datasets(packed)
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
     net = netx.hdf5.Network(net_config=packed)
@@ -126,11 +130,11 @@ def test_export_is_byte_identical_twice(csnn, tmp_path):
 def test_failed_export_leaves_no_file_and_keeps_the_old_one(csnn, tmp_path, monkeypatch):
     calls = []
 
-    def fails_on_the_third_layer(weight):
+    def fails_on_the_third_layer(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("disk full half-way")
-        return real(weight)
+        return real(*args, **kwargs)
 
     real = hdf5.weight_mantissas
     monkeypatch.setattr(hdf5, "weight_mantissas", fails_on_the_third_layer)

@@ -116,13 +116,13 @@ def test_trained_weights_reach_lava_dl_export_and_the_user_model(digits, tmp_pat
                    if "weight" in f[f"layer/{i}"]]
     assert len(written) == len(synapses)
     for ours, w in zip(synapses, written):
-        q = quantize_weight(ours.scaled_weight.detach()) * WEIGHT_SCALE
+        q = quantize_weight(ours.scaled_weight.detach(), ours.weight_grid) * WEIGHT_SCALE
         assert np.array_equal(w.reshape(q.shape), q.numpy())
 
     # the trained weights loaded back into the user's model compile to the same network
     reloaded = MNISTNet(channels=CHANNELS)
     reloaded.load_state_dict(user_state_dict(net, model))
-    again = fxlava.compile(reloaded, x, coscale=net.scales)  # the factors chosen before training
+    again = fxlava.compile(reloaded, x, coscale=net.coscale)  # the factors and grids chosen before training
     with torch.no_grad():
         assert torch.equal(again.lava_dl(x_nct), trained)
         functional.reset_net(reloaded)

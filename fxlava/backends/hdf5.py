@@ -3,9 +3,10 @@
 ``write_compiled`` writes fxlava's own blocks straight from the compiled IR: the layout is the one
 lava-dl's ``export_hdf5`` produces and netx reads (``lava/lib/dl/netx/hdf5.py``), but the shapes
 come from the graph (no slayer forward pass) and the weights are stored as the integer mantissas
-netx reads, in the smallest integer type that holds them (int8, or int16 for a layer with a
-mantissa of -256 or below -128). netx casts every weight with ``astype(int)`` before anything
-else touches it, so the integer type changes nothing it computes. ``write_netx`` writes lava-dl
+netx reads, in the smallest integer type that holds them: int8, or int16 for a layer on lava-dl's
+grid (``fxlava.target.EVEN_GRID``) with a mantissa outside [-128, 127]; co-scaled layers use
+FINE_GRID, whose mantissas always fit int8. netx casts every weight with ``astype(int)`` before
+anything else touches it, so the integer type changes nothing it computes. ``write_netx`` writes lava-dl
 slayer blocks with their own ``export_hdf5`` (float32 weights). Both add what lava-dl leaves out:
 
 - ``/layer/0`` is an ``input`` layer holding only ``type`` and ``shape``. netx reads its shape
@@ -102,31 +103,39 @@ def write_compiled(layers: Iterable[tuple], path: str | os.PathLike, input_shape
     _atomic_write(path, fill)
 
 
-def weight_mantissas(weight) -> np.ndarray:
-    """The 8-bit weight mantissas netx reads (``quantize_weight(w) * 64``), as int8 when they fit, else int16."""
+def weight_mantissas(weight, grid=None, scale: float = 1.0) -> np.ndarray:
+    """The 8-bit weight mantissas netx reads, ``quantize_weight(weight * scale, grid) * 64``: int8 when they fit, else int16.
+
+    ``grid`` is a ``fxlava.target.WeightGrid`` (default lava-dl's EVEN_GRID, whose mantissas pass
+    [-128, 127] and then need int16; FINE_GRID's always fit int8).
+    """
     import torch
 
-    from fxlava.target import WEIGHT_MAX, WEIGHT_MIN, WEIGHT_SCALE, WEIGHT_STEP
+    from fxlava.target import EVEN_GRID
 
-    # round(w / step) clamped to the grid is fxlava.rules.quantize_weight in units of the step; those
-    # "halves" always fit an int8. Done in chunks that stay in cache: for VGG-11's 133 M weights the
-    # whole-tensor version spent most of the export streaming temporaries through memory.
+    grid = EVEN_GRID if grid is None else grid
+    # round(w * scale / step) clamped to the grid is fxlava.target.quantize_weight in units of the step;
+    # those always fit an int8. Done in chunks that stay in cache: for VGG-11's 133 M weights the
+    # whole-tensor version spent most of the export streaming temporaries through memory. Multiplying by
+    # the scale and then by 1 / step (a power of two) rounds as block.scaled_weight / step does.
     flat = weight.detach().reshape(-1)
-    halves = torch.empty(flat.numel(), dtype=torch.int8)
+    steps = torch.empty(flat.numel(), dtype=torch.int8)
     chunk = 1 << 18
     buf = torch.empty(min(chunk, flat.numel()), dtype=torch.float32)
-    lo, hi = WEIGHT_MIN / WEIGHT_STEP, WEIGHT_MAX / WEIGHT_STEP
+    lo, hi = grid.mant_min // grid.mant_step, grid.mant_max // grid.mant_step
     for start in range(0, flat.numel(), chunk):
         part = flat[start:start + chunk]
         b = buf[: part.numel()]
-        torch.mul(part, 1 / WEIGHT_STEP, out=b).round_().clamp_(lo, hi)
-        halves[start:start + part.numel()].copy_(b)
-    halves = halves.reshape(weight.shape)
-    factor = int(WEIGHT_STEP * WEIGHT_SCALE)  # mantissas are multiples of 2
-    least, most = (int(v) for v in halves.aminmax()) if halves.numel() else (0, 0)
-    if least * factor >= -128 and most * factor <= 127:
-        return halves.mul_(factor).numpy()
-    return (halves.to(torch.int16) * factor).numpy()
+        if scale == 1.0:
+            torch.mul(part, 1 / grid.step, out=b)
+        else:
+            torch.mul(part, scale, out=b).mul_(1 / grid.step)
+        steps[start:start + part.numel()].copy_(b.round_().clamp_(lo, hi))
+    steps = steps.reshape(weight.shape)
+    least, most = (int(v) for v in steps.aminmax()) if steps.numel() else (0, 0)
+    if least * grid.mant_step >= -128 and most * grid.mant_step <= 127:
+        return steps.mul_(grid.mant_step).numpy()
+    return (steps.to(torch.int16) * grid.mant_step).numpy()
 
 
 def _write_synapse_block(index, block, group, current, out_shape, packed) -> None:
@@ -153,7 +162,7 @@ def _write_synapse_block(index, block, group, current, out_shape, packed) -> Non
         group.create_dataset("shape", data=np.array(out_shape, dtype=np.int64))
         group.create_dataset("inFeatures", data=syn.in_features)
         group.create_dataset("outFeatures", data=syn.out_features)
-    weights = weight_mantissas(block.scaled_weight)
+    weights = weight_mantissas(block.synapse.weight, block.weight_grid, block.scale)
     group.create_dataset("weight", data=weights, **(packed if weights.size > 1 else {}))
     if not isinstance(syn, nn.Conv2d):
         _refuse_all_zero_dense(where, weights)
@@ -280,7 +289,7 @@ def _refuse_all_zero_dense(where: str, weights: np.ndarray) -> None:
     if not np.any(weights):
         raise ValueError(
             f"{where} is a dense layer whose {np.size(weights)} weights are all zero after 8-bit "
-            f"quantisation (steps of 2/64); netx cannot load such a layer, and it would pass nothing. "
+            f"quantisation; netx cannot load such a layer, and it would pass nothing. "
             f"Train the network, or scale its weights and thresholds up, so that some weights survive")
 
 

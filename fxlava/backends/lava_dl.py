@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxlava.blocks import FlattenBlock, SynapseBlock, is_block
-from fxlava.target import WEIGHT_SCALE, quantize_bias
+from fxlava.target import EVEN_GRID, FINE_GRID, WEIGHT_SCALE, quantize_bias, quantize_weight
 
 __all__ = ["blocks_of", "blocks_with_shapes", "to_lava_dl", "slayer_bias"]
 
@@ -40,6 +40,19 @@ def _bias_hook(x: torch.Tensor, descale: bool = False) -> torch.Tensor:
     """slayer's pre_hook_fx for the bias: Loihi's 13-bit grid of step 1/64 (mantissas when ``descale``)."""
     q = quantize_bias(x)
     return q * WEIGHT_SCALE if descale else q
+
+
+def _fine_weight_hook(x: torch.Tensor, descale: bool = False) -> torch.Tensor:
+    """slayer's pre_hook_fx for the weights of a FINE_GRID layer: steps of 1/64 in [-2, 127/64] (mantissas when ``descale``).
+
+    slayer's own hook (its neuron's ``quantize_8bit``) keeps lava-dl's EVEN_GRID, steps of 2/64.
+    """
+    q = quantize_weight(x, FINE_GRID)
+    return q * WEIGHT_SCALE if descale else q
+
+
+#: The slayer weight hook of each grid fxlava uses; None keeps slayer's own.
+_WEIGHT_HOOKS = {EVEN_GRID: None, FINE_GRID: _fine_weight_hook}
 
 
 def slayer_bias(block: SynapseBlock):
@@ -88,11 +101,16 @@ def _slayer_block(block: nn.Module):
     with torch.device("meta"):
         out = build()
     out.neuron = type(out.neuron)(**params)  # as slayer.block.cuba builds it, with real parameters
-    out.synapse.weight = nn.Parameter(weight.clone(), requires_grad=out.synapse.weight.requires_grad)
+    # scaled_weight is already a new tensor when the block is co-scaled; never share the graph's own
+    out.synapse.weight = nn.Parameter(weight.clone() if block.scale == 1.0 else weight,
+                                      requires_grad=out.synapse.weight.requires_grad)
     if any(t.is_meta for t in (*out.parameters(), *out.buffers())):
         out = build()  # a slayer block with more state than expected: build it the ordinary way
         with torch.no_grad():
             out.synapse.weight.copy_(weight)
+    hook = _WEIGHT_HOOKS[block.weight_grid]
+    if hook is not None:
+        out.synapse.pre_hook_fx = hook
     norm = slayer_bias(block)
     if norm is not None:
         out.neuron.norm = norm
