@@ -82,6 +82,19 @@ def test_weights_take_one_byte_each(tmp_path):
     assert os.path.getsize(path) <= weights + 8 * 1024 * 8
 
 
+def test_co_scaled_weights_take_one_byte_each(tmp_path):
+    # co-scaling fills each layer's weight range; on the 1/64 grid the mantissas still fit an int8
+    csnn = fxlava.compile(MNISTNet(channels=8), spikes((4, 2, 1, 28, 28), seed=0))
+    path = csnn.export_hdf5(tmp_path / "net.net")
+    with h5py.File(path, "r") as f:
+        written = [f["layer"][i]["weight"] for i in sorted(f["layer"], key=int) if "weight" in f["layer"][i]]
+        assert all(ds.dtype == np.int8 and ds.id.get_storage_size() == ds.size for ds in written)
+        mants = np.concatenate([ds[()].ravel() for ds in written])
+    # the range is used: both ends within reach, and odd mantissas, which lava-dl's 2/64 grid lacks
+    assert mants.min() < -100 and mants.max() > 100 and (mants % 2 != 0).any()
+    assert all(b.scale != 1.0 for b in csnn.blocks if getattr(b, "kind", "") in ("conv", "dense"))
+
+
 def test_a_mantissa_that_needs_int16_is_written_exactly(tmp_path):
     model = MNISTNet(channels=4)
     with torch.no_grad():
