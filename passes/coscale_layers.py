@@ -166,8 +166,9 @@ class _Weights:
     def read(cls, w: torch.Tensor) -> "_Weights":
         pos, neg, on_grid = [], [], True
         for rows in _row_blocks(w):
-            # summed in the weights' dtype (float32 sums twice as fast as float64 here): a bound, to
-            # within a relative 1e-6, which the rounding of the factor below absorbs
+            # summed in the weights' dtype (float32 sums twice as fast as float64 here): the voltage
+            # bound they give is off by a relative 1e-6 at most, far inside its own slack (every
+            # input spiking at every step)
             pos.append(rows.clamp(min=0).sum(1).double())
             neg.append(rows.clamp(max=0).sum(1).double().neg_())
             on_grid = on_grid and bool(torch.equal(quantize_weight(rows, EVEN_GRID), rows))
