@@ -83,6 +83,16 @@ def multi_step(model):
     return model.eval()
 
 
+def run_sj(model, x):
+    """SpikingJelly's own forward of ``model`` on ``x``, from the resting state and leaving it there."""
+    functional.reset_net(model)
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        functional.reset_net(model)
+
+
 def spikes(*shape, rate=0.4, seed=0):
     return (torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) < rate).float()
 

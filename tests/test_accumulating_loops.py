@@ -12,10 +12,11 @@ sum (and what follows) to ``net.readout``, and the result equals the model's on 
 import pytest
 import torch
 import torch.nn as nn
-from spikingjelly.activation_based import functional, neuron
+from spikingjelly.activation_based import neuron
 
 import fxlava
 from tests.zoo._lively import grid_weights
+from tests.sj_models import run_sj as _sj
 
 T, N = 6, 3
 
@@ -72,15 +73,6 @@ class StartsFromOnes(_Net):
 
 def _x(seed=0):
     return (torch.rand(T, N, 64, generator=torch.Generator().manual_seed(seed)) < 0.4).float()
-
-
-def _sj(model, x):
-    with torch.no_grad():
-        functional.reset_net(model)
-        try:
-            return model(x)
-        finally:
-            functional.reset_net(model)
 
 
 @pytest.mark.parametrize("cls", [RateFromZero, CountInPlace, FirstStepStarts])

@@ -13,6 +13,7 @@ from spikingjelly.activation_based import functional, layer, neuron
 import fxlava
 from fxlava import frontend
 from tests.zoo._lively import grid_weights
+from tests.sj_models import run_sj as _sj
 
 THRESHOLD = 1 + 1 / 128
 
@@ -34,14 +35,6 @@ class Between(nn.Module):
 
 def _spikes(shape, seed=1, rate=0.4):
     return (torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < rate).float()
-
-
-def _sj(model, x):
-    functional.reset_net(model)
-    with torch.no_grad():
-        out = model(x)
-    functional.reset_net(model)
-    return out
 
 
 def _unrolled(chunks):

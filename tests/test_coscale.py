@@ -18,6 +18,7 @@ import fxlava
 from fxlava.blocks import SynapseBlock
 from fxlava.passes.coscale_layers import ZERO_SHARE_WARNING
 from fxlava.target import EVEN_GRID, FINE_GRID
+from tests.sj_models import run_sj as _sj
 
 
 def _seq(*mods):
@@ -28,14 +29,6 @@ def _seq(*mods):
 
 def _spikes(T, N, *shape, seed=0, rate=0.3):
     return (torch.rand(T, N, *shape, generator=torch.Generator().manual_seed(seed)) < rate).float()
-
-
-def _sj(model, x):
-    functional.reset_net(model)
-    with torch.no_grad():
-        out = model(x)
-    functional.reset_net(model)
-    return out
 
 
 def _if_net(threshold=1.0):

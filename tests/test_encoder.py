@@ -11,19 +11,11 @@ from spikingjelly.activation_based import encoding, functional, layer, neuron
 
 import fxlava
 from tests.sj_models import N, T, lively, sj
+from tests.sj_models import run_sj as _sj
 
 
 def _images(n=N, seed=0):
     return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
-
-
-def _sj(model, x):
-    with torch.no_grad():
-        functional.reset_net(model)
-        try:
-            return model(x)
-        finally:
-            functional.reset_net(model)
 
 
 def _csnn():

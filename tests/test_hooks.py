@@ -10,6 +10,7 @@ from torch.nn.utils import parametrizations, prune
 
 import fxlava
 from tests.zoo._lively import grid_weights
+from tests.sj_models import run_sj as _sj
 
 THRESHOLD = 1 + 1 / 128
 
@@ -23,14 +24,6 @@ def _net():
 
 def _spikes(shape=(4, 2, 2, 6, 6), seed=1):
     return (torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < 0.4).float()
-
-
-def _sj(model, x):
-    functional.reset_net(model)
-    with torch.no_grad():
-        out = model(x)
-    functional.reset_net(model)
-    return out
 
 
 def _prune(net):
