@@ -121,3 +121,43 @@ def test_the_netx_file_from_the_encoders_spikes_is_exact_in_lava(tmp_path):
     expected = net.lava_dl(spikes)
     assert expected.sum() > 0
     assert torch.equal(fxlava.run_lava(path, spikes), expected)
+
+
+class _SingleStepImageLoop(nn.Module):
+    """Single-step layers run T times on the same image inside forward(): the first layer reads real values."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(layer.Conv2d(1, 4, 3, padding=1, bias=False), neuron.IFNode(), layer.Flatten(),
+                                 layer.Linear(4 * 8 * 8, 10, bias=False), neuron.IFNode())
+
+    def forward(self, x):
+        out = 0
+        for _ in range(T):
+            out = out + self.net(x)
+        return out / T
+
+
+class _MultiStepImage(_SingleStepImageLoop):
+    """The fix the refusal gives: the same layers in multi-step mode, the image repeated over time."""
+
+    def __init__(self):
+        super().__init__()
+        functional.set_step_mode(self, "m")
+
+    def forward(self, x):
+        return self.net(x.unsqueeze(0).repeat(T, 1, 1, 1, 1)).mean(0)
+
+
+def test_a_single_step_loop_over_a_static_image_is_refused_with_the_multi_step_fix():
+    model = _SingleStepImageLoop().eval()
+    with pytest.raises(fxlava.UnsupportedModelError,
+                       match=r"(?s)runs the same single-step layers 4 times on its own input.*"
+                             r"test_encoder.py:\d+: out = out \+ self.net\(x\).*set_step_mode"):
+        fxlava.compile(model, torch.rand(N, 1, 8, 8))
+    fixed = lively(_MultiStepImage()).eval()
+    fixed.load_state_dict(lively(_SingleStepImageLoop()).state_dict())
+    x = torch.rand(N, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    net = fxlava.compile(fixed, x)
+    assert net.encoder.until == "net.1"
+    assert torch.equal(net.readout(net(net.encoder(x))), _sj(fixed, x))

@@ -46,13 +46,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxlava.chain import chain_issues
-from fxlava.errors import FxlavaError, Issue, UnsupportedModelError, _source_line, model_order
+from fxlava.errors import FxlavaError, Issue, UnsupportedModelError, _source_line, issue_at, model_order
 from fxlava.frontend.hooks import lower_hooks
 from fxlava.frontend.canonical import _Canonicalizer, _fill_shapes
 from fxlava.frontend.encoder import Encoder, split_encoder
 from fxlava.frontend.readout import Readout, output_issues, split_readout
 from fxlava.frontend.step_modes import _set_single_step, detect_step_mode, reset_states, run_per_step
-from fxlava.frontend.time_loop import fold_time_loops
+from fxlava.frontend.time_loop import fold_time_loops, static_input_loop
 from fxlava.frontend.shapes import ShapeRunError, propagate_shapes
 from fxlava.frontend.tracer import SpikingTracer, UntraceableError
 
@@ -89,7 +89,18 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
             gm0 = _trace_and_run(model, root, example_input.to(torch.float32), example_input, step_mode)
             loops = fold_time_loops(gm0)
         except FxlavaError:
-            loops = 0
+            gm0, loops = None, 0
+        static = static_input_loop(gm0) if gm0 is not None and not loops else None
+        if static is not None:
+            start, copies = static
+            raise UnsupportedModelError([issue_at(
+                start, f"forward() runs the same single-step layers {copies} times on its own input (a static input "
+                       f"repeated over time inside forward()): the first layer reads real values every step, and "
+                       f"Loihi's input layer takes spikes",
+                "give the model spikes: encode outside it (encoding.PoissonEncoder each step) and pass [T, N, *]; "
+                "or write forward() in multi-step mode with SpikingJelly's layer.* modules, x_seq = "
+                "x.unsqueeze(0).repeat(T, 1, ...) and functional.set_step_mode(model, 'm'), and fxlava runs the "
+                "layers up to the first spiking one on the host (net.encoder)")])
         if not loops:  # tracing may have left proxies in the copy's attributes (self.v = ...): start afresh
             gm0, (root, hooks) = None, _copy(model)
     if gm0 is None:

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from fxlava.frontend.shapes import record_shape
 
-__all__ = ["fold_time_loops", "is_step_select", "is_step_stack"]
+__all__ = ["fold_time_loops", "is_step_select", "is_step_stack", "static_input_loop"]
 
 
 def _data_inputs(n: fx.Node, live: set) -> list[fx.Node]:
@@ -220,6 +220,38 @@ def fold_time_loops(gm: fx.GraphModule) -> int:
     if folded:
         gm.recompile()
     return folded
+
+
+def static_input_loop(gm: fx.GraphModule) -> Optional[tuple[fx.Node, int]]:
+    """(first call, copies) when forward() runs the same chain of operations several times on its input itself.
+
+    That is a loop over time steps that feeds every step the same static input
+    (``for t in range(self.T): out = out + self.net(x)``): the first layer reads real values each
+    step. Only identical chains of at least two operations, each starting at the input, count.
+    """
+    x = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    if x is None:
+        return None
+    groups: dict = {}
+    for u in x.users:
+        groups.setdefault(_signature(u, x), []).append(u)
+    for starts in groups.values():
+        if len(starts) < 2:
+            continue
+        sigs = []
+        for start in starts:
+            chain, n = [_signature(start, x)], start
+            while len(n.users) == 1 and len(chain) < 64:
+                (nxt,) = n.users
+                if len(nxt.all_input_nodes) != 1:
+                    break
+                chain.append(_signature(nxt, n))
+                n = nxt
+            sigs.append(chain)
+        common = min(len(c) for c in sigs)  # the chains end where the loop's own bookkeeping starts
+        if common >= 2 and all(c[:common] == sigs[0][:common] for c in sigs[1:]):
+            return starts[0], len(starts)
+    return None
 
 
 def is_step_select(node: fx.Node) -> bool:
