@@ -91,9 +91,9 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
         except FxlavaError:
             gm0, loops = None, 0
         static = static_input_loop(gm0) if gm0 is not None and not loops else None
-        if static is not None:
+        if static is not None:  # refused if tracing one step fails too (it reads the image as a sequence)
             start, copies = static
-            raise UnsupportedModelError([issue_at(
+            static = UnsupportedModelError([issue_at(
                 start, f"forward() runs the same single-step layers {copies} times on its own input (a static input "
                        f"repeated over time inside forward()): the first layer reads real values every step, and "
                        f"Loihi's input layer takes spikes",
@@ -108,6 +108,8 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
         try:
             gm0 = _trace_and_run(model, root, x0, example_input, step_mode)
         except FxlavaError as exc:
+            if step_mode == "s" and static is not None:
+                raise static from exc
             if example_input.dim() < 3:  # neither [T, N, *] nor an input forward() takes
                 raise _bad_example(example_input) from exc
             raise
