@@ -140,6 +140,16 @@ def _accumulation(gm: fx.GraphModule, last: fx.Node, live: set) -> Optional[tupl
     return None
 
 
+def _every_step_once(chains: list) -> bool:
+    """The chains (from ``_chain``) start at steps 0, 1, ..., T-1 of one sequence of T steps, in order."""
+    if len(chains) < 2 or any(c is None for c in chains):
+        return False
+    seq = chains[0][0]
+    shape = getattr(seq.meta.get("tensor_meta"), "shape", None)
+    return shape is not None and shape[0] == len(chains) and all(c[0] is seq for c in chains) \
+        and [c[1] for c in chains] == list(range(len(chains)))
+
+
 def _stack_accumulations(gm: fx.GraphModule, live: set) -> int:
     """Rewrite a running sum over the steps, ``out = out + f(x[t])``, as ``stack([f(x[0]), ...]).sum(0)``.
 
@@ -157,14 +167,8 @@ def _stack_accumulations(gm: fx.GraphModule, live: set) -> int:
             continue
         adds, ys = found
         seen.update(adds)
-        chains = [_chain(y, live) if y in live else None for y in ys]
-        if len(ys) < 2 or any(c is None for c in chains):
-            continue
-        seq = chains[0][0]
-        shape = getattr(seq.meta.get("tensor_meta"), "shape", None)
         y_meta = ys[-1].meta.get("tensor_meta")
-        if shape is None or y_meta is None or shape[0] != len(ys) or any(c[0] is not seq for c in chains) \
-                or [c[1] for c in chains] != list(range(len(ys))):
+        if y_meta is None or not _every_step_once([_chain(y, live) if y in live else None for y in ys]):
             continue
         with gm.graph.inserting_after(last):
             stack = gm.graph.call_function(torch.stack, (list(ys),))
@@ -199,12 +203,7 @@ def fold_time_loops(gm: fx.GraphModule) -> int:
     for stack in [n for n in gm.graph.nodes if _stack_dim(n) == 0]:
         ends = list(stack.args[0])
         chains = [_chain(e, live) if isinstance(e, fx.Node) else None for e in ends]
-        if len(ends) < 2 or any(c is None for c in chains):
-            continue
-        seq = chains[0][0]
-        shape = getattr(seq.meta.get("tensor_meta"), "shape", None)
-        if shape is None or shape[0] != len(ends) or any(c[0] is not seq for c in chains) \
-                or [c[1] for c in chains] != list(range(len(ends))):
+        if not _every_step_once(chains):
             continue
         if stack.target is not torch.stack and any(getattr(e.meta.get("tensor_meta"), "shape", (None,))[0] != 1
                                                     for e in ends):
