@@ -223,9 +223,7 @@ def load_spikes(path: str) -> torch.Tensor:
 
 
 def _encoded(net: fxlava.CompiledNetwork, x: torch.Tensor) -> torch.Tensor:
-    """The spikes [N, *, T] that the netx file takes: ``x`` itself, or what ``net.encoder`` makes of the model's inputs."""
-    if net.encoder is None:
-        return x
+    """The spikes [N, *, T] that the netx file takes, made by ``net.encoder`` from the model's own inputs ``x``."""
     with torch.no_grad():
         return fxlava.TNX_to_NXT(net.encoder(x))
 
