@@ -45,6 +45,16 @@ def _grid(model, seed, span=20, step=2 / 64):
     return model
 
 
+def _float(model, seed, std=0.3):
+    """Seeded Gaussian weights, off Loihi's grid, as a float-trained model has them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * std)
+    return model
+
+
 def _graph_equals_lava_dl(net, x):
     assert torch.equal(net(x), fxlava.NXT_to_TNX(net.lava_dl(fxlava.TNX_to_NXT(x))))
 
@@ -81,12 +91,7 @@ def test_ties_need_a_grid_of_voltages():
 
 
 def test_float_weights_fill_the_weight_range_and_keep_the_threshold_exact():
-    model = _if_net()
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.1)
+    model = _float(_if_net(), seed=5, std=0.1)
     x = _spikes(8, 8, 3, 4, 4, seed=6)
     net = fxlava.compile(model, x)
     for b in (b for b in net.blocks if isinstance(b, SynapseBlock)):
@@ -106,12 +111,7 @@ def test_float_weights_fill_the_weight_range_and_keep_the_threshold_exact():
 
 def test_compiled_net_is_the_coscaled_quantised_model_in_spikingjelly():
     # float weights: the compiled net equals SpikingJelly's IF model with Loihi's weights and the scaled threshold
-    model = _if_net()
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3)
+    model = _float(_if_net(), seed=7)
     x = _spikes(16, 32, 3, 4, 4, seed=8)
     net = fxlava.compile(model, x)
     ref = copy.deepcopy(model)
@@ -156,12 +156,7 @@ def test_option_off_compiles_as_before():
 
 
 def test_given_scales_reproduce_a_compile():
-    model = _if_net()
-    g = torch.Generator().manual_seed(15)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3)
+    model = _float(_if_net(), seed=15)
     x = _spikes(8, 8, 3, 4, 4, seed=16)
     net = fxlava.compile(model, x)
     assert list(net.scales) == ["1 -> 2", "3 -> 4"] and all(s > 1 for s in net.scales.values())
@@ -276,14 +271,8 @@ def test_coscaled_graph_trains_like_the_unscaled_one():
 
 
 def _float_conv_net(seed=20):
-    model = _seq(layer.Conv2d(3, 8, 3, padding=1, bias=False), neuron.IFNode(), layer.Flatten(),
-                 layer.Linear(8 * 4 * 4, 16, bias=False), neuron.IFNode())
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3)
-    return model
+    return _float(_seq(layer.Conv2d(3, 8, 3, padding=1, bias=False), neuron.IFNode(), layer.Flatten(),
+                       layer.Linear(8 * 4 * 4, 16, bias=False), neuron.IFNode()), seed)
 
 
 def test_float_layers_take_the_int8_grid_and_grid_layers_keep_lava_dls():
