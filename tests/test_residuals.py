@@ -24,26 +24,23 @@ def _spikes(shape, seed, rate=0.4):
     return (torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < rate).float()
 
 
-def _if(**kwargs):
-    return neuron.IFNode(v_threshold=THRESHOLD)
-
-
-def _sew():
-    net = sew_resnet_small.Net()
-    for name, m in list(net.named_modules()):
+def _if_neurons(net):
+    """Every neuron of ``net`` replaced by an IF node at THRESHOLD."""
+    for m in list(net.modules()):
         for child_name, child in list(m.named_children()):
             if isinstance(child, neuron.BaseNode):
                 setattr(m, child_name, neuron.IFNode(v_threshold=THRESHOLD))
+    return net
+
+
+def _sew():
+    net = _if_neurons(sew_resnet_small.Net())
     functional.set_step_mode(net, "m")
     return _grid(net, seed=1)
 
 
 def _spiking():
-    net = spiking_resnet_small.Net()
-    for name, m in list(net.named_modules()):
-        for child_name, child in list(m.named_children()):
-            if isinstance(child, neuron.BaseNode):
-                setattr(m, child_name, neuron.IFNode(v_threshold=THRESHOLD))
+    net = _if_neurons(spiking_resnet_small.Net())
     net = nn.Sequential(net.conv1, net.sn1, net.layer1)  # ends in the last block: every spike of it compared
     functional.set_step_mode(net, "m")
     return _grid(net, seed=2)
