@@ -46,6 +46,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxlava.chain import chain_issues
+from fxlava.cow import lazy_clone
 from fxlava.errors import FxlavaError, Issue, UnsupportedModelError, _source_line, issue_at, model_order
 from fxlava.frontend.hooks import lower_hooks
 from fxlava.frontend.canonical import _Canonicalizer, _fill_shapes
@@ -169,6 +170,10 @@ def _copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
     # carry autograd history, which deepcopy refuses; the copy's hooks recompute them anyway
     memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
             if isinstance(v, torch.Tensor) and not v.is_leaf}
+    # parameters as copy-on-write clones: the copy shares the model's memory until either side writes
+    # to it (training the compiled network, or the user training the model), and then gets its own
+    memo.update((id(p), nn.Parameter(lazy_clone(p.detach()), requires_grad=p.requires_grad))
+                for p in model.parameters() if type(p) is nn.Parameter and id(p) not in memo)
     root = copy.deepcopy(model, memo).eval()
     done, issues = lower_hooks(root)
     if issues:
