@@ -103,8 +103,10 @@ def test_trained_weights_reach_lava_dl_export_and_the_user_model(digits, tmp_pat
     slayer_synapses = [b.synapse for b in ladl if hasattr(b, "synapse")]
     assert len(synapses) == len(slayer_synapses) == 6
     for ours, theirs in zip(synapses, slayer_synapses):
-        # Loihi's weights: the trained ones times the layer's co-scaling factor
-        assert torch.equal(ours.scaled_weight.detach(), theirs.weight.detach().reshape(ours.synapse.weight.shape))
+        # the trained weights; slayer's weight hook applies the layer's co-scaling factor and grid
+        shape = ours.synapse.weight.shape
+        assert torch.equal(ours.synapse.weight.detach(), theirs.weight.detach().reshape(shape))
+        assert torch.equal(ours.quantized_weight.detach(), theirs.pre_hook_fx(theirs.weight.detach()).reshape(shape))
     with torch.no_grad():
         trained = ladl(x_nct)
         assert torch.equal(trained, fxlava.TNX_to_NXT(net(x)))
@@ -127,6 +129,32 @@ def test_trained_weights_reach_lava_dl_export_and_the_user_model(digits, tmp_pat
         assert torch.equal(again.lava_dl(x_nct), trained)
         functional.reset_net(reloaded)
         assert reloaded(x).sum() > 0
+
+
+def test_model_compiled_network_and_lava_dl_never_write_to_each_other(digits):
+    """The compiled network and net.lava_dl start from copy-on-write clones: a write to any of the three
+    (the user training the model, training the graph, training the slayer blocks) changes only that one."""
+    x, y = digits
+    model = _model()
+    net = fxlava.compile(model, x)
+    x_nct = fxlava.TNX_to_NXT(x)
+    with torch.no_grad():
+        graph_out = net(x)
+        ladl = net.lava_dl
+        ladl_out = ladl(x_nct)
+        for p in model.parameters():  # the user goes on training the model
+            p.mul_(-1)
+        assert torch.equal(net(x), graph_out)
+        for p in ladl.parameters():  # someone trains the slayer blocks directly
+            p.mul_(0.5)
+        assert torch.equal(net(x), graph_out)
+        assert not torch.equal(ladl(x_nct), ladl_out)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    _train(net, x, y, steps=2)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not torch.equal(net(x), graph_out)
+    with torch.no_grad():
+        assert torch.equal(net.lava_dl(x_nct), fxlava.TNX_to_NXT(net(x)))  # rebuilt from the trained graph
 
 
 @pytest.mark.lava

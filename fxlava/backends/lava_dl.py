@@ -1,6 +1,7 @@
 """lava-dl backend: fxlava blocks -> an nn.Sequential of ``slayer.block.cuba`` blocks with the same weights."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -8,9 +9,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxlava.blocks import FlattenBlock, SynapseBlock, is_block
-from fxlava.target import EVEN_GRID, FINE_GRID, WEIGHT_SCALE, quantize_bias, quantize_weight
+from fxlava.cow import lazy_clone
+from fxlava.target import EVEN_GRID, WEIGHT_SCALE, quantize_bias, quantize_weight
 
-__all__ = ["blocks_of", "blocks_with_shapes", "to_lava_dl", "slayer_bias"]
+__all__ = ["blocks_of", "blocks_with_shapes", "to_lava_dl", "slayer_bias", "weight_hook"]
 
 
 def blocks_of(gm: fx.GraphModule) -> list[nn.Module]:
@@ -42,17 +44,21 @@ def _bias_hook(x: torch.Tensor, descale: bool = False) -> torch.Tensor:
     return q * WEIGHT_SCALE if descale else q
 
 
-def _fine_weight_hook(x: torch.Tensor, descale: bool = False) -> torch.Tensor:
-    """slayer's pre_hook_fx for the weights of a FINE_GRID layer: steps of 1/64 in [-2, 127/64] (mantissas when ``descale``).
+def _weight_hook(x: torch.Tensor, descale: bool = False, *, scale: float = 1.0, grid=EVEN_GRID) -> torch.Tensor:
+    """slayer's pre_hook_fx for a block's weights: times its co-scaling factor, on its grid (mantissas when ``descale``).
 
-    slayer's own hook (its neuron's ``quantize_8bit``) keeps lava-dl's EVEN_GRID, steps of 2/64.
+    slayer's own hook (its neuron's ``quantize_8bit``) is lava-dl's EVEN_GRID at factor 1; FINE_GRID
+    layers take steps of 1/64 in [-2, 127/64].
     """
-    q = quantize_weight(x, FINE_GRID)
+    q = quantize_weight(x if scale == 1.0 else x * scale, grid)
     return q * WEIGHT_SCALE if descale else q
 
 
-#: The slayer weight hook of each grid fxlava uses; None keeps slayer's own.
-_WEIGHT_HOOKS = {EVEN_GRID: None, FINE_GRID: _fine_weight_hook}
+def weight_hook(block: SynapseBlock):
+    """The slayer pre_hook_fx of ``block``'s weights, or None where slayer's own (EVEN_GRID, factor 1) is it."""
+    if block.scale == 1.0 and block.weight_grid is EVEN_GRID:
+        return None
+    return functools.partial(_weight_hook, scale=block.scale, grid=block.weight_grid)
 
 
 def slayer_bias(block: SynapseBlock):
@@ -91,24 +97,24 @@ def _slayer_block(block: nn.Module):
             return slayer.block.cuba.Conv(params, syn.in_channels, syn.out_channels, syn.kernel_size,
                                           stride=syn.stride, padding=syn.padding, dilation=syn.dilation,
                                           groups=syn.groups, delay_shift=False)
-        weight = block.scaled_weight.detach().unsqueeze(-1)
+        weight = syn.weight.detach().unsqueeze(-1)
     else:
         def build():
             return slayer.block.cuba.Dense(params, syn.in_features, syn.out_features, delay_shift=False)
-        weight = block.scaled_weight.detach()[:, :, None, None, None]
+        weight = syn.weight.detach()[:, :, None, None, None]
     # slayer initialises its weights randomly, which for a large network costs more than everything
     # else here; built on the meta device nothing is allocated, and the weights are then set.
     with torch.device("meta"):
         out = build()
     out.neuron = type(out.neuron)(**params)  # as slayer.block.cuba builds it, with real parameters
-    # scaled_weight is already a new tensor when the block is co-scaled; never share the graph's own
-    out.synapse.weight = nn.Parameter(weight.clone() if block.scale == 1.0 else weight,
-                                      requires_grad=out.synapse.weight.requires_grad)
+    # the graph's weights in the model's units, as a copy-on-write clone (the two never change each
+    # other, and nothing is copied unless one of them is written to); the hook applies the factor
+    out.synapse.weight = nn.Parameter(lazy_clone(weight), requires_grad=out.synapse.weight.requires_grad)
     if any(t.is_meta for t in (*out.parameters(), *out.buffers())):
         out = build()  # a slayer block with more state than expected: build it the ordinary way
         with torch.no_grad():
             out.synapse.weight.copy_(weight)
-    hook = _WEIGHT_HOOKS[block.weight_grid]
+    hook = weight_hook(block)
     if hook is not None:
         out.synapse.pre_hook_fx = hook
     norm = slayer_bias(block)
