@@ -22,7 +22,6 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.fx.node import map_aggregate
 
 from fxlava.frontend.shapes import record_shape
@@ -159,6 +158,9 @@ class SpikingTracer(fx.Tracer):
         self.example_inputs = list(example_inputs)
         self.shape_queries: list[str] = []
         self.complete = True  # every operation ran on the example: the nodes' shapes are all recorded
+        # True while an operation runs on the example's values: fx's patched Module.__call__ and
+        # __getattr__ then call and return as plain PyTorch, instead of recording (see create_proxy)
+        self._plain = False
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if is_sj_leaf(m) or _compiled_by_type(m):
@@ -169,6 +171,16 @@ class SpikingTracer(fx.Tracer):
         # the recorded stack ends in the user's line, not in this tracer's overrides
         summary = super()._filter_traceback_frames(summary)
         return traceback.StackSummary.from_list([f for f in summary if f.filename != __file__])
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if self._plain:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache):
+        if self._plain:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ValueProxy(node, self)
@@ -206,12 +218,16 @@ class SpikingTracer(fx.Tracer):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if isinstance(proxy, fx.Proxy):
             try:
-                # run the op as plain PyTorch: with fx's patches in place a module call would be traced again
-                with torch.no_grad(), _maybe_revert_all_patches():
+                # run the op as plain PyTorch: fx's patches stay in place (reverting and reapplying them
+                # around every op cost more than a large model's convolutions), and pass calls through
+                self._plain = True
+                with torch.no_grad():
                     value = self._run(kind, target, args, kwargs)
             except Exception:  # no value: shape queries on it fall back to torch.fx (and fail there, named)
                 value = None
                 self.complete = False
+            finally:
+                self._plain = False
             proxy.__dict__["_fxlava_value"] = value
             if kind != "placeholder" or value is not None:
                 record_shape(proxy.node, value)
