@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fxlava.neuron import CubaNeuron
 from fxlava.target import (DECAY_SCALE, EVEN_GRID, STATE_SCALE, SYNAPSES, VOLTAGE_MAX, bias_mantissa,
-                           bias_out_of_range, quantize_bias, quantize_weight)
+                           bias_out_of_range, quantize_bias, quantize_weight, step_sums, weight_steps)
 
 __all__ = ["SynapseBlock", "FlattenBlock", "is_block", "window_conv"]
 
@@ -114,17 +114,18 @@ class SynapseBlock(nn.Module):
         voltage_decay. So it stays above the floor for any binary input as long as D (1 - (1 - d)^t) / d
         (D t for d = 0) is not beyond it: for every t when D / d is not.
         """
-        # by blocks of output channels: VGG-11's first Linear has 103 M weights, too many to copy whole
-        weight = self.synapse.weight.detach()
-        rows = max(1, (1 << 16) // max(1, weight[0].numel()))
-        grid = self.weight_grid
-        lo = grid.mant_min // grid.mant_step
+        return self.floor_steps(self.inhibition_steps())
 
-        def inhibition(part):  # -sum of the negative quantised weights of each row, in mantissa steps
-            steps = (part * self.scale).mul_(1 / grid.step) if self.scale != 1.0 else part * (1 / grid.step)
-            return steps.round_().clamp_(lo, 0).flatten(1).sum(1, dtype=torch.float64).neg_()
+    def inhibition_steps(self) -> torch.Tensor:
+        """Per output channel, minus the sum of its negative quantised weights, in mantissa steps (float64)."""
+        lo = self.weight_grid.step_range[0]
+        # by blocks of rows (fxlava.target.weight_steps: VGG-11's first Linear has 103 M weights)
+        return torch.cat([step_sums(x.round_().clamp_(lo, 0)).double().neg_()
+                          for _, x in weight_steps(self.synapse.weight, self.weight_grid, self.scale)])
 
-        drop = torch.cat([inhibition(part) for part in weight.split(rows)]) * grid.step
+    def floor_steps(self, inhibition: torch.Tensor):
+        """``voltage_floor_steps`` from ``inhibition_steps()``, which co-scaling already has at hand."""
+        drop = inhibition * self.weight_grid.step
         if self.synapse.bias is not None:
             drop = drop - self.quantized_bias.detach().double().clamp(max=0)
         units = int(round(drop.max().item() * STATE_SCALE)) if drop.numel() else 0  # per step, in 1/4096
@@ -137,6 +138,12 @@ class SynapseBlock(nn.Module):
         if units / d <= floor:
             return None
         return int(math.floor(math.log1p(-floor * d / units) / math.log1p(-d)))
+
+    def weights_key(self) -> tuple:
+        """Changes when the quantised weights or bias may have (in-place writes, a new tensor, scale, grid, neuron)."""
+        bias = self.synapse.bias
+        return (id(self.synapse.weight), self.synapse.weight._version, None if bias is None else (id(bias), bias._version),
+                self.scale, self.weight_grid, id(self.neuron))
 
     def synaptic_input(self, x: torch.Tensor) -> torch.Tensor:
         """The synapse applied at every time step: [N, *, T] -> [N, *, T]."""

@@ -162,6 +162,20 @@ class CompiledNetwork(nn.Module):
         return os.fspath(path)
 
 
+def _voltage_floor_steps(net: CompiledNetwork):
+    """``net.voltage_floor_steps``, reusing what co-scaling found for blocks whose weights are unchanged since."""
+    from fxlava.blocks import SynapseBlock
+
+    steps = []
+    for block in net.blocks:
+        if not isinstance(block, SynapseBlock):
+            continue
+        known = getattr(getattr(block, "quantization", None), "voltage_floor", None)
+        steps.append(known[1] if known is not None and known[0] == block.weights_key() else block.voltage_floor_steps)
+    steps = [s for s in steps if s is not None]
+    return min(steps) if steps else None
+
+
 def _with_bias_option(pipeline: Pipeline, opts: CompileOptions) -> tuple[Pipeline, CompileOptions]:
     """bias='current' puts bias_to_current in place of reject_bias; a pipeline holding bias_to_current means 'current'."""
     from fxlava.passes import bias_to_current
@@ -243,7 +257,7 @@ def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pi
             raise
         raise UnsupportedModelError(grouped) from exc
     net = CompiledNetwork(gm, ctx, pipeline, readout, encoder)
-    floor = net.voltage_floor_steps
+    floor = _voltage_floor_steps(net)
     if floor is not None and floor < example_input.shape[0]:
         message = (f"Lava clips voltages at about -2048, lava-dl does not: with inputs longer than {floor} steps "
                    f"(this example has {example_input.shape[0]}) a voltage may reach that floor and Lava may differ")

@@ -29,7 +29,7 @@ __all__ = [
     "WEIGHT_MAX", "DECAY_BITS", "DECAY_SCALE", "STATE_SCALE", "NEURON_SCALE", "V_TH_MANT_BITS", "V_TH_MANT_MAX",
     "V_TH_MANT_TIE_EXACT",
     "BIAS_MANT_BITS", "BIAS_MANT_MIN", "BIAS_MANT_MAX", "BIAS_EXP", "MAX_DELAY", "VOLTAGE_BITS", "VOLTAGE_MIN",
-    "VOLTAGE_MAX", "WeightGrid", "EVEN_GRID", "FINE_GRID", "WEIGHT_GRIDS", "quantize_weight", "BIAS_STEP", "BIAS_MIN", "BIAS_MAX", "quantize_bias", "bias_mantissa",
+    "VOLTAGE_MAX", "WeightGrid", "EVEN_GRID", "FINE_GRID", "WEIGHT_GRIDS", "quantize_weight", "weight_steps", "row_blocks", "step_sums", "STEP_BLOCK", "BIAS_STEP", "BIAS_MIN", "BIAS_MAX", "quantize_bias", "bias_mantissa",
     "bias_out_of_range",
     "SYNAPSES", "AVG_POOLS", "MAX_POOLS", "ADAPTIVE_POOLS", "FLATTENS", "NORMS", "IDENTITIES", "ROLES",
     "MAY_FEED", "role_of", "is_neuron", "is_stateful", "NETX_LAYER_TYPES", "NETX_NOT_IMPLEMENTED",
@@ -106,6 +106,11 @@ class WeightGrid:
     def max(self) -> float:
         return self.mant_max / WEIGHT_SCALE
 
+    @property
+    def step_range(self) -> tuple[int, int]:
+        """The mantissas' range in units of the step: (min, max) of ``round(w / step)``."""
+        return self.mant_min // self.mant_step, self.mant_max // self.mant_step
+
     def __str__(self) -> str:
         return f"steps of {self.name} in [{self.min:g}, {self.max:g}]"
 
@@ -138,6 +143,46 @@ class _RoundSTE(torch.autograd.Function):
 def quantize_weight(w: torch.Tensor, grid: WeightGrid = EVEN_GRID) -> torch.Tensor:
     """The weights Loihi runs: rounded to the grid's step and clipped to its range (EVEN_GRID: as lava-dl does)."""
     return _RoundSTE.apply(w, grid.step).clamp(grid.min, grid.max)
+
+
+#: Values per block of ``weight_steps``: large enough that the per-op overhead is small against the
+#: work, small enough that a block stays in cache (VGG-11's first Linear has 103 M weights).
+STEP_BLOCK = 1 << 18
+
+
+def row_blocks(weight: torch.Tensor):
+    """``weight`` as [out, fan-in] blocks of whole rows (output channels): yields ``(rows, scratch)``.
+
+    ``scratch`` is a buffer of the block's shape (the weights' float dtype) that the next block reuses:
+    a block's temporaries stay in cache, and none the size of a large layer is ever made.
+    """
+    rows = weight.detach().reshape(weight.shape[0], -1) if weight.dim() else weight.detach().reshape(1, 1)
+    dtype = rows.dtype if rows.is_floating_point() else torch.float32
+    per_block = max(1, STEP_BLOCK // max(1, rows.shape[1]))
+    buf = torch.empty(min(per_block, rows.shape[0]) * rows.shape[1], dtype=dtype, device=rows.device)
+    for start in range(0, rows.shape[0], per_block):
+        part = rows[start:start + per_block]
+        yield part, buf[:part.numel()].view(part.shape)
+
+
+def weight_steps(weight: torch.Tensor, grid: WeightGrid = EVEN_GRID, scale: float = 1.0):
+    """``weight * scale / grid.step`` by blocks of whole rows (``row_blocks``): yields ``(rows, x)``.
+
+    ``x`` is the block's scratch buffer. ``x.round_().clamp_(*grid.step_range)`` are the mantissas of
+    ``quantize_weight(weight * scale, grid)`` in units of the step: the step is a power of two, so one
+    multiply by ``scale / step`` rounds exactly as ``weight * scale`` does.
+    """
+    factor = scale / grid.step
+    for part, x in row_blocks(weight):
+        yield part, torch.mul(part, factor, out=x)
+
+
+def step_sums(x: torch.Tensor) -> torch.Tensor:
+    """Row sums of a ``weight_steps`` block of mantissas (whole numbers, at most 128 in magnitude), exact.
+
+    Summed in float32 while no sum can pass 2**24, where float32 still holds every whole number.
+    """
+    return x.sum(1) if x.shape[1] * 128 < (1 << 24) else x.sum(1, dtype=torch.float64)
 
 
 def quantize_bias(b: torch.Tensor) -> torch.Tensor:

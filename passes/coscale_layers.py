@@ -61,7 +61,7 @@ import dataclasses
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Optional
 
@@ -74,7 +74,7 @@ from fxlava.neuron import P_SCALE, S_SCALE, W_SCALE, CubaNeuron
 from fxlava.pass_manager import CompileContext, PassResult
 from fxlava.rewrite import module_of
 from fxlava.target import (BIAS_MANT_MAX, EVEN_GRID, FINE_GRID, V_TH_MANT_TIE_EXACT, VOLTAGE_MAX, WEIGHT_GRIDS,
-                           WeightGrid, quantize_weight)
+                           WeightGrid, quantize_weight, row_blocks, step_sums, weight_steps)
 
 PASS = "coscale_layers"
 OPTION = "coscale"  # fxlava.compile(..., coscale=False) keeps every factor at 1
@@ -98,6 +98,9 @@ class LayerQuantization:
     zeroed: int  # nonzero weights whose mantissa is 0
     bias_range: Optional[tuple] = None  # (min, max) of the scaled bias, in the threshold's units
     grid: WeightGrid = EVEN_GRID  # the weight mantissas' grid (fxlava.target)
+    # (block.weights_key(), block.voltage_floor_steps) as co-scaling found them: compile's check of
+    # the voltage floor reuses them while the weights are unchanged
+    voltage_floor: Optional[tuple] = field(default=None, repr=False, compare=False)
 
     @property
     def zero_share(self) -> float:
@@ -120,6 +123,7 @@ class _Plan:
     grid: WeightGrid
     neuron: Optional[CubaNeuron]  # the replacement neuron, None to keep it
     report: LayerQuantization
+    inhibition: torch.Tensor  # block.inhibition_steps() at this scale and grid
 
 
 def _layer_name(block: SynapseBlock, node: fx.Node) -> str:
@@ -137,20 +141,6 @@ def _gain(decay: float, steps: int) -> float:
     return float(steps) if decay == 0.0 else min(float(steps), 1.0 / decay)
 
 
-#: Weights are read in blocks of whole rows (output channels) of about this many values: a block
-#: stays in cache, and no temporary the size of a large layer (VGG-11's first Linear has 103 M
-#: weights) is ever made.
-_CHUNK = 1 << 16
-
-
-def _row_blocks(w: torch.Tensor):
-    """The weights as [out, fan-in] blocks of whole rows, in the weights' own dtype."""
-    rows = w.detach().reshape(w.shape[0], -1)
-    step = max(1, _CHUNK // max(1, rows.shape[1]))
-    for start in range(0, rows.shape[0], step):
-        yield rows[start:start + step]
-
-
 @dataclass
 class _Weights:
     """What the factor depends on, read once per layer: the range, and per neuron the sums of its
@@ -161,20 +151,22 @@ class _Weights:
     pos: torch.Tensor  # float64 per output channel: sum of max(w, 0)
     neg: torch.Tensor  # sum of max(-w, 0)
     on_grid: bool  # every weight already on lava-dl's grid (EVEN_GRID)
+    nonzero: int = 0  # weights that are not 0
 
     @classmethod
     def read(cls, w: torch.Tensor) -> "_Weights":
-        pos, neg, on_grid = [], [], True
-        for rows in _row_blocks(w):
+        pos, neg, on_grid, nonzero = [], [], True, 0
+        for rows, scratch in row_blocks(w):
             # summed in the weights' dtype (float32 sums twice as fast as float64 here): the voltage
             # bound they give is off by a relative 1e-6 at most, far inside its own slack (every
             # input spiking at every step)
-            pos.append(rows.clamp(min=0).sum(1).double())
-            neg.append(rows.clamp(max=0).sum(1).double().neg_())
+            pos.append(torch.clamp(rows, min=0, out=scratch).sum(1).double())
+            neg.append(torch.clamp(rows, max=0, out=scratch).sum(1).double().neg_())
+            nonzero += int(torch.ne(rows, 0, out=scratch).sum())  # exact: a block holds < 2**24
             on_grid = on_grid and bool(torch.equal(quantize_weight(rows, EVEN_GRID), rows))
         lo, hi = (float(v) for v in w.detach().aminmax()) if w.numel() else (0.0, 0.0)
         empty = torch.zeros(0, dtype=torch.float64)
-        return cls(lo, hi, torch.cat(pos) if pos else empty, torch.cat(neg) if neg else empty, on_grid)
+        return cls(lo, hi, torch.cat(pos) if pos else empty, torch.cat(neg) if neg else empty, on_grid, nonzero)
 
     def per_step(self, b: Optional[torch.Tensor], x_max: float, sign: int, scale: float = 1.0) -> torch.Tensor:
         """Per neuron, the largest input of one sign a step can bring, with weights and bias times ``scale``."""
@@ -194,29 +186,35 @@ class _Quantized:
     zeroed: int  # nonzero weights whose mantissa is 0
     nonzero: bool  # some mantissa is not 0
     pos: torch.Tensor  # float64 per output channel: sum of the positive quantised weights
+    inhibition: torch.Tensor  # minus the sum of the negative ones, in mantissa steps (block.inhibition_steps)
 
     @classmethod
     def read(cls, w: torch.Tensor, scale: float, grid: WeightGrid, stats: "_Weights") -> "_Quantized":
-        # Mantissa steps round(w * scale / step) in the weights' dtype: w * scale rounds as
-        # block.scaled_weight does, and the step is a power of two, so these are the mantissas of
-        # block.quantized_weight, with as few passes over the weights as that takes.
-        lo, hi = grid.mant_min // grid.mant_step, grid.mant_max // grid.mant_step
+        # the mantissas of block.quantized_weight in units of the step (fxlava.target.weight_steps), read
+        # in blocks that stay in cache; their row sums are whole numbers, exact in float32 (step_sums)
+        lo, hi = grid.step_range
         dtype = w.dtype if w.is_floating_point() else torch.float32
         span = torch.tensor([stats.lo, stats.hi], dtype=dtype) * scale
         may_clip = bool(span[0] < grid.min) or bool(span[1] > grid.max)
-        clipped = zeroed = 0
-        nonzero, pos = False, []
-        for rows in _row_blocks(w):
-            if may_clip:
-                ws = rows * scale
-                clipped += int((ws < grid.min).sum()) + int((ws > grid.max).sum())
-            steps = (rows * scale).mul_(1 / grid.step) if scale != 1.0 else rows * (1 / grid.step)
+        clipped = kept = 0
+        pos, inhibition = [], []
+        scratch = None
+        for rows, steps in weight_steps(w, grid, scale):
+            if may_clip:  # rare: a scale chosen to fill the range clips nothing
+                clipped += int((steps < lo).sum()) + int((steps > hi).sum())
             steps.round_().clamp_(lo, hi)
-            kept = int(steps.count_nonzero())
-            zeroed += int(rows.count_nonzero()) - kept  # a zero weight has a zero mantissa
-            nonzero = nonzero or kept > 0
-            pos.append(steps.clamp_(min=0).sum(1, dtype=torch.float64).mul_(grid.step))
-        return cls(clipped, zeroed, nonzero, torch.cat(pos) if pos else torch.zeros(0, dtype=torch.float64))
+            if scratch is None:
+                scratch = torch.empty_like(steps)
+            other = scratch[:steps.shape[0]]
+            kept += int(torch.ne(steps, 0, out=other).sum())
+            total, size = step_sums(steps), step_sums(torch.abs(steps, out=other))
+            total, size = total.double(), size.double()
+            pos.append((size + total).mul_(grid.step / 2))  # sum of the positive ones
+            inhibition.append(size.sub_(total).mul_(0.5))
+        empty = torch.zeros(0, dtype=torch.float64)
+        # a zero weight has a zero mantissa
+        return cls(clipped, stats.nonzero - kept, kept > 0, torch.cat(pos) if pos else empty,
+                   torch.cat(inhibition) if inhibition else empty)
 
     def per_step(self, qb: Optional[torch.Tensor], x_max: float) -> torch.Tensor:
         """Per neuron, the largest excitatory input of one step on Loihi."""
@@ -389,7 +387,7 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
                       "neuron's voltage can exceed its threshold)",
                 f"raise its weights against its threshold and retrain"
                 + ("" if enabled else f", or compile with {OPTION}=True"), module=block), path=name))
-        plans.append(_Plan(node, block, scale, grid, new, report))
+        plans.append(_Plan(node, block, scale, grid, new, report, quantized.inhibition))
     if pinned:
         raise ValueError(f"{OPTION}: scales given for layers this model does not have: {sorted(pinned)}; "
                          f"layers: {_layer_names(gm)}")
@@ -415,6 +413,8 @@ def coscale_layers(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
             block.weight_grid = plan.grid
             changed = True
         block.quantization = report
+        if block.scale == plan.scale:  # the weights were quantised at the block's own factor
+            report.voltage_floor = (block.weights_key(), block.floor_steps(plan.inhibition))
         ctx.record(PASS, report.describe())
         if report.zero_share > ZERO_SHARE_WARNING:
             warnings.warn(f"{report.layer}: {report.zeroed} of {report.weights} weights ({report.zero_share:.0%}) "

@@ -336,3 +336,36 @@ def test_int8_grid_runs_in_lava_spike_for_spike(tmp_path):
     assert 0 < expected.sum() < expected.numel()
     assert torch.equal(fxlava.run_lava(path, xin), expected)
     assert torch.equal(fxlava.load_netx(path)(xin), expected)
+
+
+@pytest.mark.parametrize("coscale", [True, False])
+def test_compile_checks_the_voltage_floor_with_coscalings_count(coscale):
+    """The voltage floor compile checks comes from co-scaling's pass over the weights; it equals a fresh
+    count on every block, on float and grid weights, IF and LIF, with and without bias, and is not
+    reused once the weights change."""
+    models = [
+        _float(_if_net(), seed=1, std=0.6),
+        _grid(_if_net(), seed=2, span=120),
+        _float(_seq(layer.Conv2d(3, 8, 3, padding=1, bias=False), neuron.LIFNode(tau=4.0), layer.Flatten(),
+                    layer.Linear(8 * 4 * 4, 10, bias=False), neuron.LIFNode(tau=2.0)), seed=3, std=1.5),
+    ]
+    inputs = [_spikes(4, 2, 3, 4, 4), _spikes(4, 2, 3, 4, 4), _spikes(4, 2, 3, 4, 4)]
+    biased = _seq(layer.Linear(100, 4), neuron.IFNode())
+    with torch.no_grad():
+        biased[0].weight.fill_(-1.5)
+        biased[0].bias.copy_(torch.tensor([-40.0, -3.0, 0.0, 2.0]))
+    models.append(biased)
+    inputs.append(_spikes(4, 2, 100))
+    floors = []
+    for model, x in zip(models, inputs):
+        net = fxlava.compile(model, x, coscale=coscale, bias="current")
+        blocks = [b for b in net.blocks if isinstance(b, SynapseBlock)]
+        for block in blocks:
+            key, steps = block.quantization.voltage_floor
+            assert key == block.weights_key()
+            assert steps == block.floor_steps(block.inhibition_steps()) == block.voltage_floor_steps
+            floors.append(steps)
+        with torch.no_grad():
+            blocks[0].synapse.weight.mul_(2)
+        assert blocks[0].quantization.voltage_floor[0] != blocks[0].weights_key()
+    assert any(f is not None for f in floors) and None in floors  # both kinds of answer were checked
