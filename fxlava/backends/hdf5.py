@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Sequence
 
 import h5py
@@ -85,7 +86,7 @@ def write_compiled(layers: Iterable[tuple], path: str | os.PathLike, input_shape
     # gzip is deterministic; shuffle groups the bytes of wider integers, which compresses better
     packed = {"compression": "gzip", "compression_opts": 4, "shuffle": True} if compress else {}
 
-    def fill(f):
+    def fill(f, mantissas):
         groups = f.create_group("layer", track_order=False)
         _write_input_layer(groups.create_group("0", track_order=False), shape)
         current = shape
@@ -97,10 +98,21 @@ def write_compiled(layers: Iterable[tuple], path: str | os.PathLike, input_shape
                 group.create_dataset("shape", data=np.array([math.prod(current), 1, 1], dtype=np.int64))
                 current = (math.prod(current),)
                 continue
-            _write_synapse_block(index, block, group, current, out_shape, packed)
+            _write_synapse_block(index, block, group, current, out_shape, packed, next(mantissas))
             current = out_shape
 
-    _atomic_write(path, fill)
+    # the mantissas are computed in order on a second thread while the file is written (h5py writes
+    # without holding the GIL); for a large network the two take about as long
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fxlava-mantissas")
+    try:
+        mantissas = pool.map(_block_mantissas, [block for block, _ in layers if isinstance(block, SynapseBlock)])
+        _atomic_write(path, lambda f: fill(f, mantissas))
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a refusal, the layers not yet begun are not computed
+
+
+def _block_mantissas(block) -> np.ndarray:
+    return weight_mantissas(block.synapse.weight, block.weight_grid, block.scale)
 
 
 def weight_mantissas(weight, grid=None, scale: float = 1.0) -> np.ndarray:
@@ -111,34 +123,24 @@ def weight_mantissas(weight, grid=None, scale: float = 1.0) -> np.ndarray:
     """
     import torch
 
-    from fxlava.target import EVEN_GRID
+    from fxlava.target import EVEN_GRID, weight_steps
 
     grid = EVEN_GRID if grid is None else grid
-    # round(w * scale / step) clamped to the grid is fxlava.target.quantize_weight in units of the step;
-    # those always fit an int8. Done in chunks that stay in cache: for VGG-11's 133 M weights the
-    # whole-tensor version spent most of the export streaming temporaries through memory. Multiplying by
-    # the scale and then by 1 / step (a power of two) rounds as block.scaled_weight / step does.
-    flat = weight.detach().reshape(-1)
-    steps = torch.empty(flat.numel(), dtype=torch.int8)
-    chunk = 1 << 18
-    buf = torch.empty(min(chunk, flat.numel()), dtype=torch.float32)
-    lo, hi = grid.mant_min // grid.mant_step, grid.mant_max // grid.mant_step
-    for start in range(0, flat.numel(), chunk):
-        part = flat[start:start + chunk]
-        b = buf[: part.numel()]
-        if scale == 1.0:
-            torch.mul(part, 1 / grid.step, out=b)
-        else:
-            torch.mul(part, scale, out=b).mul_(1 / grid.step)
-        steps[start:start + part.numel()].copy_(b.round_().clamp_(lo, hi))
-    steps = steps.reshape(weight.shape)
+    # quantize_weight(weight * scale, grid) in units of the step, by blocks of rows that stay in cache
+    # (fxlava.target.weight_steps): those always fit an int8
+    lo, hi = grid.step_range
+    steps = torch.empty(weight.shape, dtype=torch.int8)
+    rows, start = steps.view(-1, 1) if weight.dim() < 2 else steps.view(weight.shape[0], -1), 0
+    for _, x in weight_steps(weight, grid, scale):
+        rows[start:start + x.shape[0]].copy_(x.round_().clamp_(lo, hi))
+        start += x.shape[0]
     least, most = (int(v) for v in steps.aminmax()) if steps.numel() else (0, 0)
     if least * grid.mant_step >= -128 and most * grid.mant_step <= 127:
         return steps.mul_(grid.mant_step).numpy()
     return (steps.to(torch.int16) * grid.mant_step).numpy()
 
 
-def _write_synapse_block(index, block, group, current, out_shape, packed) -> None:
+def _write_synapse_block(index, block, group, current, out_shape, packed, weights: np.ndarray) -> None:
     import torch.nn as nn
 
     where = _describe(index, block)
@@ -162,7 +164,6 @@ def _write_synapse_block(index, block, group, current, out_shape, packed) -> Non
         group.create_dataset("shape", data=np.array(out_shape, dtype=np.int64))
         group.create_dataset("inFeatures", data=syn.in_features)
         group.create_dataset("outFeatures", data=syn.out_features)
-    weights = weight_mantissas(block.synapse.weight, block.weight_grid, block.scale)
     group.create_dataset("weight", data=weights, **(packed if weights.size > 1 else {}))
     if not isinstance(syn, nn.Conv2d):
         _refuse_all_zero_dense(where, weights)
