@@ -111,6 +111,46 @@ def test_a_mantissa_that_needs_int16_is_written_exactly(tmp_path):
     assert torch.equal(fxlava.load_netx(path)(xin), net.lava_dl(xin))
 
 
+@pytest.mark.parametrize("coscale", [True, False])
+def test_layers_written_in_slices_make_the_same_file(tmp_path, monkeypatch, coscale):
+    """A large layer is computed and written in slices of rows; the file is byte for byte the one-write file.
+
+    Shrinking the slice makes every layer of a small network take that path: int8 (co-scaled) and
+    int16 mantissas (lava-dl's grid, a weight beyond int8)."""
+    model = MNISTNet(channels=4)
+    with torch.no_grad():
+        model.conv_fc[0].weight[1, 0, 0, 0] = 3.5  # mantissa 224 without co-scaling: int16
+    net = fxlava.compile(model, spikes((4, 2, 1, 28, 28), seed=0), coscale=coscale)
+    whole = net.export_hdf5(tmp_path / "whole.net")
+    computed = []
+    real = hdf5._mantissas
+
+    def counted(weight, *args):
+        computed.append(weight.shape[0])
+        return real(weight, *args)
+
+    monkeypatch.setattr(hdf5, "SLICE", 50)
+    monkeypatch.setattr(hdf5, "_mantissas", counted)
+    sliced = net.export_hdf5(tmp_path / "sliced.net")
+    synapses = [b for b in net.blocks if hasattr(b, "synapse")]
+    assert len(computed) > 2 * len(synapses)  # slices, not layers
+    with open(whole, "rb") as a, open(sliced, "rb") as b:
+        assert a.read() == b.read()
+    with h5py.File(sliced, "r") as f:
+        assert (f["layer/1/weight"].dtype == np.int16) != coscale
+
+
+@pytest.mark.parametrize("slice_size", [50, hdf5.SLICE])
+def test_an_all_zero_dense_layer_is_refused_at_export_and_nothing_is_written(tmp_path, monkeypatch, slice_size):
+    net = fxlava.compile(MNISTNet(channels=4), spikes((4, 2, 1, 28, 28), seed=0))
+    with torch.no_grad():
+        net.blocks[-1].synapse.weight.zero_()  # after compile: co-scaling refuses such a layer
+    monkeypatch.setattr(hdf5, "SLICE", slice_size)
+    with pytest.raises(ValueError, match=r"netx /layer/\d+\) is a dense layer whose \d+ weights are all zero"):
+        net.export_hdf5(tmp_path / "zero.net")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_compressed_file_is_smaller_and_netx_reads_it_alike(csnn, tmp_path):
     from lava.lib.dl import netx
 
@@ -149,8 +189,8 @@ def test_failed_export_leaves_no_file_and_keeps_the_old_one(csnn, tmp_path, monk
             raise RuntimeError("disk full half-way")
         return real(*args, **kwargs)
 
-    real = hdf5.weight_mantissas
-    monkeypatch.setattr(hdf5, "weight_mantissas", fails_on_the_third_layer)
+    real = hdf5._mantissas  # computes each layer's (or slice's) mantissas while the file is written
+    monkeypatch.setattr(hdf5, "_mantissas", fails_on_the_third_layer)
     kept = tmp_path / "kept.net"
     kept.write_bytes(b"the previous network")
     with pytest.raises(RuntimeError, match="half-way"):

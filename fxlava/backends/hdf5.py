@@ -98,34 +98,58 @@ def write_compiled(layers: Iterable[tuple], path: str | os.PathLike, input_shape
                 group.create_dataset("shape", data=np.array([math.prod(current), 1, 1], dtype=np.int64))
                 current = (math.prod(current),)
                 continue
-            _write_synapse_block(index, block, group, current, out_shape, packed, next(mantissas))
+            _write_synapse_block(index, block, group, current, out_shape, packed, mantissas)
             current = out_shape
 
-    # the mantissas are computed in order on a second thread while the file is written (h5py writes
-    # without holding the GIL); for a large network the two take about as long
+    # The mantissas are computed in slices of rows, in order, on a second thread, while the file is
+    # written (h5py writes without holding the GIL): a large layer is written as it is computed, and
+    # never held whole. Compressed weights are written a layer at a time, as gzip chunks them.
+    slices = [(block, start, stop, dtype) for block, _ in layers if isinstance(block, SynapseBlock)
+              for dtype in [_mantissa_dtype(block.synapse.weight, block.weight_grid, block.scale)]
+              for start, stop in _row_slices(block.synapse.weight, whole=compress)]
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fxlava-mantissas")
     try:
-        mantissas = pool.map(_block_mantissas, [block for block, _ in layers if isinstance(block, SynapseBlock)])
+        mantissas = pool.map(_slice_mantissas, slices)
         _atomic_write(path, lambda f: fill(f, mantissas))
     finally:
-        pool.shutdown(cancel_futures=True)  # after a refusal, the layers not yet begun are not computed
+        pool.shutdown(cancel_futures=True)  # after a refusal, the slices not yet begun are not computed
 
 
-def _block_mantissas(block) -> np.ndarray:
-    return weight_mantissas(block.synapse.weight, block.weight_grid, block.scale)
+#: Uncompressed weights are computed and written in slices of whole rows of about this many mantissas.
+SLICE = 1 << 22
 
 
-def weight_mantissas(weight, grid=None, scale: float = 1.0) -> np.ndarray:
-    """The 8-bit weight mantissas netx reads, ``quantize_weight(weight * scale, grid) * 64``: int8 when they fit, else int16.
+def _row_slices(weight, whole: bool = False) -> list[tuple[int, int]]:
+    """(start, stop) of the slices of rows (output channels) in which a layer's mantissas are written."""
+    rows = int(weight.shape[0]) if weight.dim() else 1
+    per = rows if whole else max(1, SLICE // max(1, weight[0].numel() if weight.dim() else 1))
+    return [(start, min(start + per, rows)) for start in range(0, rows, per)]
 
-    ``grid`` is a ``fxlava.target.WeightGrid`` (default lava-dl's EVEN_GRID, whose mantissas pass
-    [-128, 127] and then need int16; FINE_GRID's always fit int8).
-    """
+
+def _slice_mantissas(task) -> tuple[int, np.ndarray]:
+    block, start, stop, dtype = task
+    return start, _mantissas(block.synapse.weight[start:stop], block.weight_grid, block.scale, dtype)
+
+
+def _mantissa_dtype(weight, grid, scale: float) -> np.dtype:
+    """int8 when every mantissa fits one, else int16: from the weights' range (rounding is monotonic)."""
     import torch
 
-    from fxlava.target import EVEN_GRID, weight_steps
+    from fxlava.target import weight_steps
 
-    grid = EVEN_GRID if grid is None else grid
+    if (grid.mant_min >= -128 and grid.mant_max <= 127) or weight.numel() == 0:
+        return np.dtype(np.int8)
+    ends = torch.stack(weight.detach().aminmax()).reshape(2, 1)
+    steps = next(weight_steps(ends, grid, scale))[1].round_().clamp_(*grid.step_range)
+    least, most = (int(v) * grid.mant_step for v in steps.flatten())
+    return np.dtype(np.int8 if least >= -128 and most <= 127 else np.int16)
+
+
+def _mantissas(weight, grid, scale: float, dtype: np.dtype) -> np.ndarray:
+    import torch
+
+    from fxlava.target import weight_steps
+
     # quantize_weight(weight * scale, grid) in units of the step, by blocks of rows that stay in cache
     # (fxlava.target.weight_steps): those always fit an int8
     lo, hi = grid.step_range
@@ -134,13 +158,24 @@ def weight_mantissas(weight, grid=None, scale: float = 1.0) -> np.ndarray:
     for _, x in weight_steps(weight, grid, scale):
         rows[start:start + x.shape[0]].copy_(x.round_().clamp_(lo, hi))
         start += x.shape[0]
-    least, most = (int(v) for v in steps.aminmax()) if steps.numel() else (0, 0)
-    if least * grid.mant_step >= -128 and most * grid.mant_step <= 127:
+    if dtype == np.int8:
         return steps.mul_(grid.mant_step).numpy()
     return (steps.to(torch.int16) * grid.mant_step).numpy()
 
 
-def _write_synapse_block(index, block, group, current, out_shape, packed, weights: np.ndarray) -> None:
+def weight_mantissas(weight, grid=None, scale: float = 1.0) -> np.ndarray:
+    """The 8-bit weight mantissas netx reads, ``quantize_weight(weight * scale, grid) * 64``: int8 when they fit, else int16.
+
+    ``grid`` is a ``fxlava.target.WeightGrid`` (default lava-dl's EVEN_GRID, whose mantissas pass
+    [-128, 127] and then need int16; FINE_GRID's always fit int8).
+    """
+    from fxlava.target import EVEN_GRID
+
+    grid = EVEN_GRID if grid is None else grid
+    return _mantissas(weight, grid, scale, _mantissa_dtype(weight, grid, scale))
+
+
+def _write_synapse_block(index, block, group, current, out_shape, packed, mantissas) -> None:
     import torch.nn as nn
 
     where = _describe(index, block)
@@ -164,9 +199,8 @@ def _write_synapse_block(index, block, group, current, out_shape, packed, weight
         group.create_dataset("shape", data=np.array(out_shape, dtype=np.int64))
         group.create_dataset("inFeatures", data=syn.in_features)
         group.create_dataset("outFeatures", data=syn.out_features)
-    group.create_dataset("weight", data=weights, **(packed if weights.size > 1 else {}))
-    if not isinstance(syn, nn.Conv2d):
-        _refuse_all_zero_dense(where, weights)
+    _write_weights(group, block.synapse.weight, packed, mantissas,
+                   None if isinstance(syn, nn.Conv2d) else where)
     mant = block.bias_mantissa
     if mant is not None:
         # netx reads a layer's bias as the neurons' 13-bit bias mantissa (exponent 6)
@@ -285,13 +319,40 @@ def _check_layer(index: int, block, group: h5py.Group, current: tuple[int, ...])
     return tuple(int(n) for n in group["shape"][()])
 
 
+def _write_weights(group, weight, packed, mantissas, dense: str | None) -> None:
+    """The layer's ``weight`` dataset from its slices of mantissas, ``(first row, array)`` taken from ``mantissas``.
+
+    ``dense`` names a dense layer, which may not be all zero (``_refuse_all_zero_dense``).
+    """
+    shape, rows, nonzero = tuple(weight.shape), (int(weight.shape[0]) if weight.dim() else 1), False
+    start, part = next(mantissas)
+    if start + len(part) == rows:  # a layer in one slice (and every compressed layer)
+        group.create_dataset("weight", data=part.reshape(shape), **(packed if part.size > 1 else {}))
+        nonzero = bool(np.any(part))
+    else:
+        # the same contiguous dataset, byte for byte, as one write of the whole array
+        dataset = group.create_dataset("weight", shape=shape, dtype=part.dtype)
+        while True:
+            dataset[start:start + len(part)] = part
+            nonzero = nonzero or bool(np.any(part))
+            if start + len(part) == rows:
+                break
+            start, part = next(mantissas)
+    if dense is not None and not nonzero:
+        raise _all_zero_dense(dense, math.prod(shape))
+
+
 def _refuse_all_zero_dense(where: str, weights: np.ndarray) -> None:
-    """netx's optimize_weight_bits scales a dense layer by 255 / max|weight|: an all-zero one fails at load time."""
     if not np.any(weights):
-        raise ValueError(
-            f"{where} is a dense layer whose {np.size(weights)} weights are all zero after 8-bit "
-            f"quantisation; netx cannot load such a layer, and it would pass nothing. "
-            f"Train the network, or scale its weights and thresholds up, so that some weights survive")
+        raise _all_zero_dense(where, np.size(weights))
+
+
+def _all_zero_dense(where: str, size: int) -> ValueError:
+    """netx's optimize_weight_bits scales a dense layer by 255 / max|weight|: an all-zero one fails at load time."""
+    return ValueError(
+        f"{where} is a dense layer whose {size} weights are all zero after 8-bit "
+        f"quantisation; netx cannot load such a layer, and it would pass nothing. "
+        f"Train the network, or scale its weights and thresholds up, so that some weights survive")
 
 
 def _fsync_directory(directory: str) -> None:
