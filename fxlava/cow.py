@@ -16,4 +16,7 @@ def lazy_clone(t: torch.Tensor) -> torch.Tensor:
     clone = getattr(torch, "_lazy_clone", None)
     if clone is None or t.is_sparse or t.is_quantized or t.layout != torch.strided:
         return t.clone()
-    return clone(t)
+    try:
+        return clone(t)
+    except (RuntimeError, NotImplementedError):  # a device or tensor kind without copy-on-write storage
+        return t.clone()

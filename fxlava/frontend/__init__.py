@@ -67,7 +67,8 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
     """Trace a copy of ``model`` and return its canonical per-step GraphModule and the model's step mode.
 
     The user's model is never modified: tracing, shape propagation and every rewrite act on a
-    deep copy, whose neuron states are reset before and after the example run.
+    deep copy (its parameters copy-on-write, ``fxlava.cow``), whose neuron states are reset before
+    and after the example run.
 
     A multi-step model whose forward() repeats a static input over time (``example_input`` is then
     what forward() takes, e.g. images ``[N, C, H, W]``) has its ops up to the first spiking layer cut
