@@ -16,7 +16,10 @@ in the spikes, so it can be written as a chain (measured in Lava, DESIGN.md):
   Spiking-ResNet's add of a synaptic current into a neuron's input (``out += identity`` or a
   downsample conv + BatchNorm) is the sum of both synapses, embedded in one kernel;
 * a merge that feeds the network's output runs on the host, as the first step of
-  ``net.readout`` (a sum of spikes is not spikes).
+  ``net.readout`` (a sum of spikes is not spikes);
+* a flatten of a merge (a SEW block's output into a dense head) is the same merge of each source
+  flattened: the chain's flatten layer flattens the sources side by side, channels outermost, and
+  the dense synapse reads each with its weights.
 
 Neurons sharing a layer must have the same decays (one netx neuron group per layer; refused
 otherwise); a different threshold is co-scaled into that neuron's weights (recorded). Refused,
@@ -32,6 +35,7 @@ it does not know (a ReLU, a node refused earlier): ``fuse_blocks`` then reports 
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Optional
@@ -112,6 +116,8 @@ class _Source:
     channels: int
     shape: tuple  # per-sample shape
     flat_of: Optional[fx.Node] = None  # a flatten of this source
+    flatten: Optional[fx.Node] = None  # the model's flatten node that makes it (for a flatten of a merge, the
+    # key is a node outside the graph, one per source: the chain flattens the whole boundary at once)
 
 
 @dataclass
@@ -123,6 +129,7 @@ class _Layer:
     relays: list  # source nodes carried through
     inputs: list  # sources at the previous boundary, in channel order
     flatten_after: Optional[fx.Node] = None
+    flat_shape: tuple = ()  # the boundary flattened: all its sources' features, one after another
     keep: Optional[tuple] = None  # (synapse node, neuron node) kept as they are
     conv: Optional[nn.Module] = None
     neuron: Optional[CubaNeuron] = None
@@ -285,13 +292,30 @@ def _analyse_node(gm, ctx, node, values, sources, merges, currents) -> None:
         values[node] = _Current(terms, [(node, 1.0)] if m.bias is not None else [])
     elif isinstance(m, FLATTENS):
         spikes = _spikes_of(args[0] if len(args) == 1 else None, node)
-        if len(spikes.segments) != 1 or list(spikes.segments[0].terms.values()) != [1.0]:
-            _refuse(node, "a flatten of a residual merge inside the network (the relay channels would be "
-                          "flattened with it)", "flatten the output of a spiking layer, not a sum", module=m)
-        (src,) = spikes.segments[0].terms
         shape = tuple(node.meta.get("fxlava_shape") or ())
-        sources[node] = _Source(node, sources[src].depth, shape[0], shape, flat_of=src)
-        values[node] = _Spikes([_Segment(shape[0], {node: 1.0})])
+        if len(spikes.segments) == 1 and list(spikes.segments[0].terms.values()) == [1.0]:
+            (src,) = spikes.segments[0].terms
+            sources[node] = _Source(node, sources[src].depth, shape[0], shape, flat_of=src, flatten=node)
+            values[node] = _Spikes([_Segment(shape[0], {node: 1.0})])
+            return
+        # A flatten of a merge (a SEW block's output): flatten is linear and keeps channels outermost, so
+        # it is the same merge of each source flattened. The chain flattens its whole boundary at the
+        # merge's depth, where the sources lie side by side: each gets a flat source of its own, a node
+        # outside the graph.
+        spatial = math.prod(sources[next(iter(spikes.segments[0].terms))].shape[1:])
+        depth = max(sources[src].depth for seg in spikes.segments for src in seg.terms)
+        segments = []
+        for seg in spikes.segments:
+            terms = {}
+            for src, coeff in seg.terms.items():
+                features = sources[src].channels * spatial
+                key = fx.Node(gm.graph, f"{node.name}__{src.name}", "call_module", node.target, (), {})
+                key.meta.update(node.meta)
+                key.meta["fxlava_shape"] = (features,)
+                sources[key] = _Source(key, depth, features, (features,), flat_of=src, flatten=node)
+                terms[key] = coeff
+            segments.append(_Segment(seg.channels * spatial, terms))
+        values[node] = _Spikes(segments)
     elif _is_add(node):
         if len(args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
             raise _GiveUp(node)
@@ -426,7 +450,7 @@ def _layers(gm, sources, currents, merges, out_value: _Spikes) -> _Plan:
     placeholder = next(s for s in sources if s.op == "placeholder")
     boundary = [placeholder]
     flats = {src.flat_of: s for s, src in sources.items() if src.flat_of is not None}
-    boundary = _flatten_at(boundary, flats, need, 0, plan, None)
+    boundary = _flatten_at(boundary, flats, need, 0, plan, None, sources)
     sub = {placeholder: (1, 1)}
     spatial = tuple(sources[placeholder].shape[1:])
     for depth in range(1, depth_max + 1):
@@ -442,7 +466,7 @@ def _layers(gm, sources, currents, merges, out_value: _Spikes) -> _Plan:
                 sub[s] = sub.get(s, (1, 1))
         plan.layers.append(layer)
         boundary = group + relays
-        boundary = _flatten_at(boundary, flats, need, depth, plan, layer)
+        boundary = _flatten_at(boundary, flats, need, depth, plan, layer, sources)
         if layer.flatten_after is not None:
             spatial = ()
     missing = [s for s in out_sources if s not in boundary]
@@ -452,19 +476,22 @@ def _layers(gm, sources, currents, merges, out_value: _Spikes) -> _Plan:
     return plan
 
 
-def _flatten_at(boundary, flats, need, depth, plan, layer):
-    hits = [s for s in boundary if s in flats]
+def _flatten_at(boundary, flats, need, depth, plan, layer, sources):
+    """The boundary after a flatten, if one is here: netx flattens every source on it, side by side."""
+    hits = [s for s in boundary if s in flats and sources[flats[s]].depth == depth]
     if not hits:
         return boundary
-    flat = flats[hits[0]]
-    if len(boundary) != 1 or need[hits[0]] > depth:
-        _refuse(flat, "a flatten where other spike sources ride along as relay channels (a residual path around it)",
-                "flatten after the last merge, or merge before the flatten")
+    flatten = sources[flats[hits[0]]].flatten
+    if any(s not in flats or need[s] > depth or sources[flats[s]].flatten is not flatten for s in boundary):
+        _refuse(flatten, "a flatten where other spike sources ride along as relay channels (a residual path "
+                         "around it)", "flatten after the last merge, or merge before the flatten")
+    flat = [flats[s] for s in boundary]
     if layer is None:  # the input itself is flattened: a flatten block first
-        plan.layers.append(_Layer(0, [], [], list(boundary), flatten_after=flat))
-    else:
-        layer.flatten_after = flat
-    return [flat]
+        layer = _Layer(0, [], [], list(boundary))
+        plan.layers.append(layer)
+    layer.flatten_after = flatten
+    layer.flat_shape = (sum(sources[f].channels for f in flat),)
+    return flat
 
 
 def _build_layer(gm, layer: _Layer, sources, currents, sub: dict, spatial: tuple, plan: _Plan) -> tuple:
@@ -700,6 +727,7 @@ def _emit(gm: fx.GraphModule, ctx: CompileContext, plan: _Plan, sources) -> None
             if layer.flatten_after is not None:
                 f = graph.call_module(layer.flatten_after.target, (prev,))
                 f.meta.update(layer.flatten_after.meta)
+                f.meta["fxlava_shape"] = layer.flat_shape
                 prev = f
     # the output: a single source as it is; a merge of several runs on the host, first step of net.readout
     out_value = plan.output

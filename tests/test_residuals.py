@@ -107,6 +107,87 @@ def test_cost_is_recorded_and_in_the_layer_table():
     assert "relay channels (skip paths carried along): 1872 neurons (+57.8 % of the model's 3240)" in table
 
 
+class _MergeThenHead(nn.Module):
+    """A residual block whose merge is flattened into a spiking classifier (a user's SEW net with a Linear + IF head)."""
+
+    def __init__(self, merge="add", down=False):
+        super().__init__()
+        self.stem = nn.Sequential(layer.Conv2d(2, 4, 3, padding=1, bias=False), neuron.IFNode(v_threshold=THRESHOLD))
+        self.body = nn.Sequential(layer.Conv2d(4, 4, 3, padding=1, stride=2 if down else 1, bias=False),
+                                  neuron.IFNode(v_threshold=THRESHOLD),
+                                  layer.Conv2d(4, 4, 3, padding=1, bias=False), neuron.IFNode(v_threshold=THRESHOLD))
+        self.skip = (nn.Sequential(layer.Conv2d(4, 4, 1, stride=2, bias=False), neuron.IFNode(v_threshold=THRESHOLD))
+                     if down else nn.Identity())
+        self.merge = merge
+        side = 4 if down else 8
+        self.head = nn.Sequential(layer.Flatten(), layer.Linear((8 if merge == "cat" else 4) * side * side, 6, bias=False),
+                                  neuron.IFNode(v_threshold=THRESHOLD))
+        functional.set_step_mode(self, "m")
+
+    def forward(self, x):
+        x = self.stem(x)
+        out, identity = self.body(x), self.skip(x)
+        merged = torch.cat([out, identity], dim=2) if self.merge == "cat" else out + identity
+        return self.head(merged)
+
+
+@pytest.mark.parametrize("merge,down", [("add", False), ("add", True), ("cat", False)],
+                         ids=["SEW ADD", "SEW ADD, downsampled skip", "concatenation"])
+def test_a_flattened_merge_feeds_the_next_dense_layer_exactly(merge, down, tmp_path):
+    """flatten(a + b) is flatten(a) + flatten(b): the chain flattens both sources side by side and the Linear
+    reads each with its weights; equal to SpikingJelly, lava-dl and the netx file on every spike."""
+    model = _grid(_MergeThenHead(merge, down), seed=5)
+    grid_weights(model.head, 6, -6, 7)  # a head that reads hundreds of features: balanced, so it does not saturate
+    x = _spikes((6, 3, 2, 8, 8), 6)
+    net = fxlava.compile(model, x)
+    assert net.blocks[-2].__class__.__name__ == "FlattenBlock"
+    functional.reset_net(model)
+    with torch.no_grad():
+        expected = model(x)
+    y = net(x)
+    assert torch.equal(net.readout(y), expected)
+    x_nct = fxlava.TNX_to_NXT(x)
+    assert torch.equal(y, fxlava.NXT_to_TNX(net.lava_dl(x_nct)))
+    assert torch.equal(fxlava.load_netx(net.export_hdf5(tmp_path / "head.net"))(x_nct), net.lava_dl(x_nct))
+    assert expected.sum() > 0 and expected.mean() < 0.9
+
+
+class _FlatSkip(nn.Module):
+    """A flattened source (added to itself: a coefficient of 2) that a skip path carries past a dense layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = layer.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.sn = neuron.IFNode()
+        self.fc = layer.Linear(2 * 8 * 8, 4, bias=False)
+        self.sn2 = neuron.IFNode()
+        self.fc2 = layer.Linear(4 + 2 * 8 * 8, 4, bias=False)
+        self.sn3 = neuron.IFNode()
+        functional.set_step_mode(self, "m")
+
+    def forward(self, x):
+        a = self.sn(self.conv(x))
+        flat = a.flatten(2)
+        return self.sn3(self.fc2(torch.cat([self.sn2(self.fc(flat + flat)), flat], dim=2)))
+
+
+def test_a_flattened_source_rides_along_a_dense_layer_as_relays(tmp_path):
+    model = _grid(_FlatSkip(), seed=3)
+    grid_weights(model.fc, 1, -6, 7)
+    grid_weights(model.fc2, 2, -6, 7)
+    x = _spikes((6, 3, 2, 8, 8), 6)
+    net = fxlava.compile(model, x)
+    assert [getattr(b, "relay_channels", 0) for b in net.blocks] == [0, 0, 2 * 8 * 8, 0]
+    functional.reset_net(model)
+    with torch.no_grad():
+        expected = model(x)
+    y = net(x)
+    assert torch.equal(net.readout(y), expected) and 0 < expected.mean() < 0.9
+    x_nct = fxlava.TNX_to_NXT(x)
+    assert torch.equal(fxlava.load_netx(net.export_hdf5(tmp_path / "skip.net"))(x_nct), net.lava_dl(x_nct))
+    assert torch.equal(y, fxlava.NXT_to_TNX(net.lava_dl(x_nct)))
+
+
 # --- refusals ------------------------------------------------------------------------------------------------
 
 
