@@ -60,9 +60,10 @@ class CompileOptions:
                                         "(no co-scaling; fxlava.passes.coscale_layers)")))
     encoder: str = _option(
         "host", ("host", "refuse"),
-        "a multi-step forward() that repeats a static input over time (SpikingJelly's image encoding): 'host' runs "
-        "its ops up to the first spiking layer on the host (net.encoder) and compiles the rest from that layer's "
-        "spikes; 'refuse' refuses those ops")
+        "a forward() that repeats a static input over time (SpikingJelly's image encoding: x.unsqueeze(0).repeat(T, "
+        "...) in multi-step mode, or its own loop over T in single-step mode): 'host' runs its ops up to the first "
+        "spiking layer on the host (net.encoder) and compiles the rest from that layer's spikes; 'refuse' refuses "
+        "those ops")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -149,15 +149,30 @@ class _MultiStepImage(_SingleStepImageLoop):
         return self.net(x.unsqueeze(0).repeat(T, 1, 1, 1, 1)).mean(0)
 
 
-def test_a_single_step_loop_over_a_static_image_is_refused_with_the_multi_step_fix():
-    model = _SingleStepImageLoop().eval()
+def test_a_single_step_loop_over_a_static_image_runs_its_first_layer_on_the_host(tmp_path):
+    """Single-step layers run T times on the same image inside forward(): each step's ops up to the first
+    spiking layer run on the host (net.encoder), the rest folds into the per-step graph. Equal to
+    SpikingJelly on every output, and to the same layers written in multi-step mode."""
+    model = lively(_SingleStepImageLoop()).eval()
+    x = torch.rand(N, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    net = fxlava.compile(model, x)
+    assert net.encoder.until == "net.1"
+    spikes = net.encoder(x)
+    assert spikes.shape == (T, N, 4, 8, 8)
+    expected = _sj(model, x)
+    assert expected.sum() > 0
+    assert torch.equal(net.readout(net(spikes)), expected)
+    spikes_nct = fxlava.TNX_to_NXT(spikes)
+    assert torch.equal(net(spikes), fxlava.NXT_to_TNX(net.lava_dl(spikes_nct)))
+    assert torch.equal(fxlava.load_netx(net.export_hdf5(tmp_path / "loop.net"))(spikes_nct), net.lava_dl(spikes_nct))
+    fixed = _MultiStepImage().eval()
+    fixed.load_state_dict(model.state_dict())
+    multi = fxlava.compile(fixed, x)
+    assert torch.equal(multi.encoder(x), spikes) and torch.equal(multi(spikes), net(spikes))
+
+
+def test_a_single_step_loop_over_a_static_image_is_refused_with_the_multi_step_fix_when_asked():
     with pytest.raises(fxlava.UnsupportedModelError,
                        match=r"(?s)runs the same single-step layers 4 times on its own input.*"
                              r"test_encoder.py:\d+: out = out \+ self.net\(x\).*set_step_mode"):
-        fxlava.compile(model, torch.rand(N, 1, 8, 8))
-    fixed = lively(_MultiStepImage()).eval()
-    fixed.load_state_dict(lively(_SingleStepImageLoop()).state_dict())
-    x = torch.rand(N, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    net = fxlava.compile(fixed, x)
-    assert net.encoder.until == "net.1"
-    assert torch.equal(net.readout(net(net.encoder(x))), _sj(fixed, x))
+        fxlava.compile(_SingleStepImageLoop().eval(), torch.rand(N, 1, 8, 8), encoder="refuse")

@@ -50,7 +50,7 @@ from fxlava.cow import lazy_clone
 from fxlava.errors import FxlavaError, Issue, UnsupportedModelError, _source_line, issue_at, model_order
 from fxlava.frontend.hooks import lower_hooks
 from fxlava.frontend.canonical import _Canonicalizer, _fill_shapes
-from fxlava.frontend.encoder import Encoder, split_encoder
+from fxlava.frontend.encoder import Encoder, split_encoder, split_static_encoder
 from fxlava.frontend.readout import Readout, output_issues, split_readout
 from fxlava.frontend.step_modes import _set_single_step, detect_step_mode, reset_states, run_per_step
 from fxlava.frontend.time_loop import fold_time_loops, static_input_loop
@@ -78,12 +78,12 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxlava.compile expects a torch.nn.Module; got {type(model).__name__}")
     step_mode = detect_step_mode(model)
-    # [T, N, *] spikes; a multi-step forward() that repeats its input over time takes [N, *] (see split_encoder)
-    if not isinstance(example_input, torch.Tensor) or example_input.dim() < (2 if step_mode == "m" else 3):
+    # [T, N, *] spikes; a forward() that repeats its input over time takes [N, *] (split_encoder, split_static_encoder)
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise _bad_example(example_input)
     root, hooks = _copy(model)
     T, N = example_input.shape[:2]
-    gm0, loops = None, 0
+    gm0, loops, static_encoder = None, 0, None
     if step_mode == "s":
         # single-step neurons: forward() takes one step [N, *], or takes [T, N, *] and loops over the
         # steps itself; the second kind traces, on the whole sequence, into T copies of one step
@@ -93,7 +93,12 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
         except FxlavaError:
             gm0, loops = None, 0
         static = static_input_loop(gm0) if gm0 is not None and not loops else None
-        if static is not None:  # refused if tracing one step fails too (it reads the image as a sequence)
+        if static is not None and host_encoder:  # its loop up to the first spiking layer runs on the host
+            static_encoder = split_static_encoder(gm0, example_input)
+            loops = fold_time_loops(gm0) if static_encoder is not None else 0
+            if not loops:
+                static_encoder = None
+        if static is not None and static_encoder is None:  # refused if tracing one step fails too
             start, copies = static
             static = UnsupportedModelError([issue_at(
                 start, f"forward() runs the same single-step layers {copies} times on its own input (a static input "
@@ -119,7 +124,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
             loops = fold_time_loops(gm0)
     else:
         step_mode = "m"  # the model takes the sequence, like a multi-step model
-    encoder = split_encoder(gm0, example_input) if host_encoder and step_mode == "m" and not loops else None
+    encoder = split_encoder(gm0, example_input) if host_encoder and step_mode == "m" and not loops else static_encoder
     if encoder is not None:
         encoder, example_input = encoder
         T, N = example_input.shape[:2]
@@ -161,7 +166,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, host_encoder: bool = Tr
 def _bad_example(example_input) -> ValueError:
     return ValueError(
         f"example_input must be a tensor of spikes shaped [T, N, *] (SpikingJelly's multi-step layout), or what a "
-        f"multi-step forward() that repeats it over time takes; got "
+        f"forward() that repeats it over time takes; got "
         f"{tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input).__name__}")
 
 

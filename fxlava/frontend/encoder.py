@@ -27,7 +27,7 @@ from fxlava.frontend.readout import _describe, _is_spiking_node
 from fxlava.frontend.shapes import record_shape
 from fxlava.frontend.step_modes import reset_states
 
-__all__ = ["Encoder", "split_encoder"]
+__all__ = ["Encoder", "split_encoder", "split_static_encoder"]
 
 
 class Encoder(nn.Module):
@@ -126,5 +126,78 @@ def split_encoder(gm0: fx.GraphModule, example_input: torch.Tensor) -> Optional[
     for n in reversed(order):
         gm0.graph.erase_node(n)
     record_shape(x, spikes)
+    gm0.recompile()
+    return encoder, spikes
+
+
+def split_static_encoder(gm0: fx.GraphModule, example_input: torch.Tensor) -> Optional[tuple[Encoder, torch.Tensor]]:
+    """Cut a single-step forward()'s own time loop over a static input, up to its first spiking layer, into an ``Encoder``.
+
+    ``for t in range(self.T): out = out + self.net(x)`` traced on an image runs the same
+    single-step modules T times on ``x``: T copies, each reading ``x`` and passing through the
+    first spiking layer (which keeps its state from one call to the next). The encoder runs the
+    copies' ops up to that layer on the host, in order, and stacks its T outputs into ``[T, N, *]``
+    spikes; each copy then reads its step of the graph's input instead, ``x[t]``, which is the
+    single-step loop over a sequence that ``fold_time_loops`` folds. Returns the encoder and its
+    spikes on ``example_input``, or None (``gm0`` unchanged) when the graph is not so.
+    """
+    nodes = list(gm0.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        return None
+    (x,) = placeholders
+    firsts, prefixes, claimed = [], [], set()
+    for n in nodes:  # the spiking nodes that read x through no other spiking node, each with its own prefix
+        if not (_is_spiking_node(gm0, n) or _is_encoding_module(gm0, n)) or n in claimed:
+            continue
+        prefix, todo, reads_x = set(), list(n.all_input_nodes), False
+        while todo:
+            a = todo.pop()
+            if a is x:
+                reads_x = True
+            elif a not in prefix and a.op != "get_attr":
+                prefix.add(a)
+                todo.extend(a.all_input_nodes)
+        if not reads_x or any(_is_spiking_node(gm0, a) for a in prefix):
+            continue
+        if prefix & claimed:
+            return None  # two copies share an op: not one chain per step
+        firsts.append(n)
+        prefixes.append(prefix)
+        claimed |= prefix | {n}
+    if len(firsts) < 2 or len({(f.op, f.target) for f in firsts}) != 1:
+        return None
+    inside = claimed | {x}
+    if any(u not in inside for n in claimed - set(firsts) | {x} for u in n.users):
+        return None  # the input or an op before the first spiking layer is read again after it
+    order = {n: i for i, n in enumerate(nodes)}
+    graph = fx.Graph()
+    env = {x: graph.placeholder(x.name)}
+    for n in sorted(claimed, key=order.get):
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(graph.call_function(torch.stack, ([env[f] for f in firsts],)))
+    steps = [n for n in sorted(claimed, key=order.get) if n.op in ("call_module", "call_function", "call_method")]
+    per_step = steps[:len(steps) // len(firsts)]
+    encoder = Encoder(copy.deepcopy(fx.GraphModule(gm0, graph, class_name="Encoder")),
+                      tuple(_describe(n, gm0) for n in per_step) + (f"torch.stack() of its {len(firsts)} steps",),
+                      firsts[0].target if firsts[0].op == "call_module" else firsts[0].name,
+                      tuple(example_input.shape[1:]))
+    with torch.no_grad():
+        spikes = encoder(example_input.to(torch.float32))
+    if not isinstance(spikes, torch.Tensor) or not torch.isin(spikes, torch.tensor([0.0, 1.0])).all():
+        return None
+    # what remains reads the spikes: the input placeholder now stands for them, copy t for its step
+    import operator
+
+    record_shape(x, spikes)
+    at = x
+    for t, first in enumerate(firsts):
+        with gm0.graph.inserting_after(at):
+            at = gm0.graph.call_function(operator.getitem, (x, t))
+        at.meta.update({k: v for k, v in first.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        record_shape(at, spikes[t])
+        first.replace_all_uses_with(at)
+    for n in sorted(claimed, key=order.get, reverse=True):
+        gm0.graph.erase_node(n)
     gm0.recompile()
     return encoder, spikes
