@@ -41,11 +41,11 @@ def test_a_lava_worker_that_dies_is_named_with_its_layer(tmp_path, monkeypatch, 
         # runs inside the process that runs Lava: find its network and the worker of the conv's synapse
         from lava.lib.dl.netx.hdf5 import Network
 
-        # the running network is the one with workers: a Network of an earlier test in this process (forked
-        # into the child with everything else) has none
+        # the running network's workers are this process's children: a Network of an earlier test (forked
+        # into the child with everything else) may still list workers, closed or long gone
         for net in [o for o in gc.get_objects() if isinstance(o, Network)]:
             for worker, process in lava_runner._worker_processes(net):
-                if process is net.layers[0].synapse:
+                if getattr(worker, "_parent_pid", None) == os.getpid() and process is net.layers[0].synapse:
                     os.kill(worker.pid, signal.SIGKILL)
 
     class Killing(LavaBar):
