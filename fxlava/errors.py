@@ -35,14 +35,21 @@ class Issue:
         return "\n".join(lines)
 
 
+def _library_frame(frame: str) -> bool:
+    if "/torch/" in frame:
+        return True
+    return "/spikingjelly/" in frame and not any(f"/activation_based/{d}/" in frame for d in ("model", "examples"))
+
+
 def _source_line(node: fx.Node) -> str:
     """The innermost user frame of the node's recorded stack trace, as 'file:line: code'."""
     trace = node.meta.get("stack_trace") or ""
     frames = [ln.strip() for ln in trace.strip().splitlines()]
     # torch.fx records a Python traceback: 'File "x.py", line N, in f' followed by the code line.
     for i in range(len(frames) - 1, -1, -1):
-        # the innermost frame outside torch itself is the user's line
-        if frames[i].startswith("File ") and "/torch/" not in frames[i]:
+        # the innermost frame outside torch and SpikingJelly's own plumbing (functional.seq_to_ann_forward,
+        # its containers) is the user's line; SpikingJelly's model zoo and examples are a user's models
+        if frames[i].startswith("File ") and not _library_frame(frames[i]):
             code = frames[i + 1] if i + 1 < len(frames) and not frames[i + 1].startswith("File ") else ""
             loc = frames[i][len("File "):].replace('", line ', ":").replace('"', "")
             loc = loc.split(", in ")[0]

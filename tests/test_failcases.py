@@ -315,6 +315,24 @@ def test_error_lists_each_issue_with_path_and_source_line():
     assert len(info.value.issues) == 1  # one branch: its fork, both paths and the merge in one item
 
 
+class _SeqToAnn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)  # biased: refused by default
+        self.sn = neuron.IFNode(step_mode="m")
+
+    def forward(self, x):
+        return self.sn(functional.seq_to_ann_forward(x, self.conv))
+
+
+def test_a_refusal_names_the_users_line_not_spikingjellys_plumbing():
+    """An op run through functional.seq_to_ann_forward (or a container) is named at the user's call."""
+    with pytest.raises(fxlava.UnsupportedModelError, match=r"a bias[\s\S]*- conv \(torch.nn.modules.conv.Conv2d\)\n"
+                                                           r" +at .*test_failcases.py:\d+: return self.sn\("
+                                                           r"functional.seq_to_ann_forward\(x, self.conv\)\)"):
+        fxlava.compile(_SeqToAnn(), torch.zeros(4, 2, 2, 8, 8))
+
+
 def test_bad_example_input():
     with pytest.raises(ValueError, match=r"\[T, N, \*\]"):
         fxlava.compile(_seq(layer.Flatten(), layer.Linear(64, 3, bias=False), neuron.IFNode()), torch.zeros(8, 8))
