@@ -75,6 +75,33 @@ def test_a_trailing_head_without_a_neuron_runs_on_the_host():
         assert torch.equal(net.readout(y), model[2](y))  # the model's own head, in float, on the output spikes
 
 
+def test_a_head_and_its_rate_over_time_run_on_the_host():
+    """fc(x).mean(0) after the last spiking layer: the head and the rate are net.readout; arithmetic that could
+    be a hand-written neuron after a head stays in the graph, to be named."""
+    class Rate(nn.Module):
+        def __init__(self, spike=False):
+            super().__init__()
+            self.fc1, self.sn = layer.Linear(20, 10, bias=False), neuron.IFNode()
+            self.head = layer.Linear(10, 3)
+            self.spike = spike
+            functional.set_step_mode(self, "m")
+
+        def forward(self, x):
+            y = self.head(self.sn(self.fc1(x)))
+            return (y >= 1.0).float() if self.spike else y.mean(0).softmax(-1)
+
+    torch.manual_seed(0)
+    model, x = Rate(), _x()
+    net = fxlava.compile(model, x)
+    assert net.readout.ops == ("head (Linear)", ".mean()", ".softmax()")
+    y = net(x)
+    assert y.shape[-1] == 10 and y.sum() > 0
+    with torch.no_grad():  # the model's own head and rate, in float, on the output spikes
+        assert torch.equal(net.readout(y), model.head(y).mean(0).softmax(-1))
+    with pytest.raises(fxlava.UnsupportedModelError, match=r"head"):
+        fxlava.compile(Rate(spike=True), x)
+
+
 def test_encoding_inside_forward_is_named_with_a_fix():
     class Repeats(nn.Module):  # static images in, a rate out, and no spiking layer after the encoder's
         def __init__(self):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Optional
 
 import torch
@@ -95,6 +96,21 @@ def _host_module(m: nn.Module) -> bool:
     return not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())
 
 
+_REDUCTIONS = {"mean", "sum", "softmax", "log_softmax"}
+_SCALINGS = {operator.truediv, operator.mul, torch.div, torch.mul}
+
+
+def _reduces_scores(n: fx.Node) -> bool:
+    """A mean or sum (over time), a softmax, or a scaling by a number: what turns a head's output into scores."""
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    if n.op in ("call_method", "call_function") and name in _REDUCTIONS:
+        return True
+    if n.op == "call_method" and name in ("div", "mul", "__truediv__", "__mul__") or (
+            n.op == "call_function" and n.target in _SCALINGS):
+        return len(n.all_input_nodes) == 1 and all(isinstance(a, (int, float)) for a in n.args[1:])
+    return False
+
+
 def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
     """Cut the ops after the last spiking layer off ``gm0`` into a ``Readout``.
 
@@ -133,10 +149,10 @@ def split_readout(gm0: fx.GraphModule, step_mode: str) -> Optional[Readout]:
         if n.op == "call_module" and not _host_module(gm0.get_submodule(n.target)):
             return None
     weighted = [n for n in tail if n.op == "call_module" and any(True for _ in gm0.get_submodule(n.target).parameters())]
-    out = output.args[0]
-    if weighted and not (out.op == "call_module" and _host_module(gm0.get_submodule(out.target))
-                         and any(True for _ in gm0.get_submodule(out.target).parameters())):
-        return None  # a head with weights must be what the model returns (its fc), not feed more arithmetic
+    if weighted and not all(_reduces_scores(n) for n in tail[tail.index(weighted[-1]) + 1:]):
+        # a head with weights ends the model (its fc), or feeds only a rate or class scores (fc(x).mean(0),
+        # a softmax); more arithmetic after it may be a hand-written neuron, which stays to be named
+        return None
     graph = fx.Graph()
     env = {last: graph.placeholder("spikes")}
     for n in tail:
