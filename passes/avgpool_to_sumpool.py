@@ -4,6 +4,9 @@
   stride and padding multiplied by the pool stride), weights scaled by 1/k^2.
 * pool -> flatten -> linear: merged into one dense layer over the unpooled input, weights
   scaled by 1/k^2 (the flatten moves before it).
+* conv -> pool -> spiking neuron (a conv block that pools before its neuron): merged into one
+  conv (the conv kernel placed at each window offset times the conv stride, stride multiplied
+  by the pool stride), weights scaled by 1/k^2; the bias, averaged, is unchanged.
 * pool -> spiking neuron: a sum pool (a grouped conv with a ones kernel, which netx loads)
   and the neuron's threshold multiplied by k^2; for a neuron with reset to 0 whose dynamics
   are linear in its input (IF, LIF) this is the same neuron in real arithmetic.
@@ -35,7 +38,7 @@ PASS = "avgpool_to_sumpool"
 @dataclass
 class _Plan:
     pool: fx.Node
-    action: str  # 'conv', 'dense' or 'neuron'
+    action: str  # 'conv', 'dense', 'conv_before' (into the conv that feeds the pool) or 'neuron'
     factor: float
     consumer: Optional[fx.Node] = None
     flatten: Optional[fx.Node] = None
@@ -96,6 +99,8 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
             else:
                 issues.append(issue_at(node, "an average pool followed by flatten but not by a linear layer",
                                        "follow pool -> flatten with nn.Linear(..., bias=False)", module=pool))
+        elif is_neuron(um) and _conv_feeding(gm, node) is not None and not any(p):
+            plans.append(_Plan(node, "conv_before", factor, _conv_feeding(gm, node)))
         elif is_neuron(um) and hasattr(um, "v_threshold"):
             if _fixed_point_neuron(um) and not ctx.is_refused(user):
                 issues.append(issue_at(user, *_CUBA_LIF_AFTER_POOL, module=um))
@@ -110,6 +115,14 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
                                    f"{feeds}an average pool must feed a conv, a flatten + linear, or a spiking "
                                    f"neuron (with padding=0 if it feeds a synapse)", module=pool))
     return plans, issues
+
+
+def _conv_feeding(gm: fx.GraphModule, pool: fx.Node) -> Optional[fx.Node]:
+    """The conv node whose output only this pool reads, or None."""
+    src = pool.args[0] if pool.args else None
+    if isinstance(src, fx.Node) and isinstance(module_of(gm, src), nn.Conv2d) and list(src.users) == [pool]:
+        return src
+    return None
 
 
 def check(gm: fx.GraphModule, ctx: CompileContext):
@@ -143,6 +156,26 @@ def _merge_conv(pool: nn.AvgPool2d, conv: nn.Conv2d, factor: float, shape_in) ->
     with torch.no_grad():
         merged.weight.copy_(w)
         if conv.bias is not None:  # the pool is before the conv: its bias is unchanged
+            merged.bias.copy_(conv.bias.detach())
+    return merged
+
+
+def _merge_conv_before(conv: nn.Conv2d, pool: nn.AvgPool2d, factor: float) -> nn.Conv2d:
+    """pool(conv(x)) as one conv: the conv's kernel added in at each window offset a, at a * the conv's stride."""
+    k, s = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
+    K, S, P, D = _pair(conv.kernel_size), _pair(conv.stride), _pair(conv.padding), _pair(conv.dilation)
+    size = tuple(D[d] * (K[d] - 1) + S[d] * (k[d] - 1) + 1 for d in range(2))
+    w = conv.weight.detach()
+    merged_w = w.new_zeros(*w.shape[:2], *size)
+    for a0 in range(k[0]):
+        for a1 in range(k[1]):
+            merged_w[:, :, S[0] * a0:S[0] * a0 + D[0] * (K[0] - 1) + 1:D[0],
+                     S[1] * a1:S[1] * a1 + D[1] * (K[1] - 1) + 1:D[1]] += w
+    merged = nn.Conv2d(conv.in_channels, conv.out_channels, size, stride=(S[0] * s[0], S[1] * s[1]), padding=P,
+                       groups=conv.groups, bias=conv.bias is not None)
+    with torch.no_grad():
+        merged.weight.copy_(merged_w * factor)
+        if conv.bias is not None:  # the average of a constant
             merged.bias.copy_(conv.bias.detach())
     return merged
 
@@ -205,7 +238,22 @@ def avgpool_to_sumpool(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         lowered.append(plan)
         pool = module_of(gm, plan.pool)
         shape_in = plan.pool.args[0].meta["fxlava_shape"]
-        if plan.action in ("conv", "dense"):
+        if plan.action == "conv_before":
+            old = module_of(gm, plan.consumer)
+            new = _merge_conv_before(old, pool, plan.factor)
+            before = lambda x: F.avg_pool2d(F.conv2d(x, old.weight.double(), None, old.stride, old.padding,  # noqa: E731
+                                                     old.dilation, old.groups), pool.kernel_size, pool.stride, 0,
+                                            divisor_override=pool.divisor_override)
+            after = lambda x: F.conv2d(x, new.weight.double(), None, new.stride, new.padding, 1, new.groups)  # noqa: E731
+            _self_check(before, after, plan.consumer.args[0].meta["fxlava_shape"], path_of(plan.consumer))
+            set_module(gm, plan.consumer.target, new)
+            plan.consumer.meta["fxlava_shape"] = plan.pool.meta["fxlava_shape"]
+            plan.consumer.meta["fxlava_merged_pool"] = path_of(plan.pool)
+            ctx.record(PASS, f"merged {path_of(plan.pool)} into {path_of(plan.consumer)} before it (kernel "
+                             f"{'x'.join(map(str, new.kernel_size))}, stride {'x'.join(map(str, new.stride))}, weights x "
+                             f"{plan.factor:g})")
+            bypass(gm, plan.pool)
+        elif plan.action in ("conv", "dense"):
             old = module_of(gm, plan.consumer)
             try:
                 if plan.action == "conv":

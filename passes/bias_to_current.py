@@ -14,8 +14,9 @@ Refused, naming the synapse, where that would not be exact:
 - a bias into a neuron with current decay < 1 (``CUBALIFNode(c_decay > 0)``,
   ``lava_exchange.CubaLIFNode(current_decay < 1)``): the current would carry the bias over;
 - a bias that quantises outside the 13-bit mantissa, [-64, 63.984375];
-- a biased synapse that feeds no spiking neuron directly (through a pool, say): Loihi's bias
-  is the bias of the neuron of the same layer.
+- a biased synapse that feeds no spiking neuron directly (through a max pool or a padded
+  average pool, say): Loihi's bias is the bias of the neuron of the same layer. An unpadded
+  average pool between a conv and its neuron merges into the conv, and keeps the bias.
 
 Run it with ``fxlava.compile(model, x, bias="current")``, ``fxlava-compile --bias current``, or
 ``pipeline.replace("reject_bias", bias_to_current)``. A netx file with biases runs in Lava exactly
@@ -26,6 +27,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch.fx as fx
+from torch.nn.modules.utils import _pair
 
 from fxlava.errors import Issue, issue_at
 from fxlava.neuron import CubaNeuron, _quantised_decay
@@ -59,10 +61,22 @@ def _is_residual_add(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add) and not node.kwargs
 
 
+def _unpadded_avg_pool(m) -> bool:
+    """An average pool without padding: the mean of a current plus a bias is the mean current plus that bias
+    (avgpool_to_sumpool merges a pool between a conv and its neuron into the conv, bias kept)."""
+    from fxlava.target import ADAPTIVE_POOLS, AVG_POOLS
+
+    if isinstance(m, AVG_POOLS):
+        return not any(_pair(m.padding))
+    return isinstance(m, ADAPTIVE_POOLS) and "Avg" in type(m).__name__
+
+
 def _skip(gm: fx.GraphModule, node: fx.Node, types: tuple) -> Optional[fx.Node]:
-    """The next node after ``node``, stepping over single-user modules of ``types`` and residual additions."""
+    """The next node after ``node``, stepping over single-user modules of ``types``, unpadded average pools and
+    residual additions."""
     user = next_module_node(node)
-    while user is not None and (isinstance(module_of(gm, user), types) or _is_residual_add(user)):
+    while user is not None and (isinstance(module_of(gm, user), types) or _unpadded_avg_pool(module_of(gm, user))
+                                or _is_residual_add(user)):
         user = next_module_node(user)
     return user
 

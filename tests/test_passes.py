@@ -131,6 +131,48 @@ def test_avgpool_into_neuron_scales_threshold():
     assert torch.equal(before, frontend.run_per_step(gm, x))
 
 
+@pytest.mark.parametrize("k,stride,dilation", [(2, 1, 1), (3, 1, 1), (2, 2, 1), (2, 1, 2)])
+def test_a_pool_between_a_conv_and_its_neuron_merges_into_the_conv(k, stride, dilation, tmp_path):
+    """conv -> pool -> neuron (a block that pools before firing) becomes one conv with the pool's stride."""
+    model = _grid(_seq(layer.Conv2d(1, 3, 3, padding=dilation, stride=stride, dilation=dilation, bias=False),
+                       layer.AvgPool2d(k), neuron.IFNode(v_threshold=0.5), layer.Flatten(),
+                       layer.Linear(3 * (12 // stride // k) ** 2, 4, bias=False), neuron.IFNode()))
+    x = (torch.rand(6, 2, 1, 12, 12, generator=torch.Generator().manual_seed(5)) < 0.5).float()
+    gm, ctx = _canonical(model, x)
+    before = frontend.run_per_step(gm, x)
+    avgpool_to_sumpool(gm, ctx)
+    assert _types(gm) == ["Conv2d", "IFNode", "Flatten", "Linear", "IFNode"]
+    merged = gm.get_submodule("0")
+    size = dilation * 2 + stride * (k - 1) + 1
+    assert merged.kernel_size == (size, size) and merged.stride == (stride * k, stride * k)
+    after = frontend.run_per_step(gm, x)
+    assert before[:, :, :4].sum() > 0 and torch.allclose(before, after)
+    net = fxlava.compile(model, x)
+    x_nct = fxlava.TNX_to_NXT(x)
+    assert torch.equal(net(x), fxlava.NXT_to_TNX(net.lava_dl(x_nct)))
+    assert torch.equal(fxlava.load_netx(net.export_hdf5(tmp_path / "pooled.net"))(x_nct), net.lava_dl(x_nct))
+
+
+def test_a_pool_between_a_conv_and_its_neuron_is_exact_against_spikingjelly():
+    """On weights whose merged values stay on lava-dl's grid (multiples of 1/8, averaged over 2x2), with a
+    threshold between grid points: the compiled network spikes as SpikingJelly does, step for step."""
+    model = _seq(layer.Conv2d(2, 4, 3, padding=1, bias=False), layer.AvgPool2d(2),
+                 neuron.IFNode(v_threshold=1 + 1 / 128), layer.Flatten(), layer.Linear(4 * 4 * 4, 5, bias=False),
+                 neuron.IFNode(v_threshold=1 + 1 / 128))
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.copy_(torch.randint(-6, 9, m.weight.shape, generator=g) / 8)
+    x = (torch.rand(8, 3, 2, 8, 8, generator=torch.Generator().manual_seed(7)) < 0.4).float()
+    net = fxlava.compile(model, x, coscale=False)
+    functional.reset_net(model)
+    with torch.no_grad():
+        expected = model(x)
+    assert 0 < expected.mean() < 0.9
+    assert torch.equal(net(x), expected)
+
+
 def test_substitute_neurons_keeps_surrogate_and_detach_reset():
     sg = surrogate.ATan(alpha=3.0)
     gm, ctx = _canonical(_seq(layer.Flatten(), layer.Linear(64, 3, bias=False),
