@@ -63,6 +63,15 @@ class SomeStepsOnly(_Net):
         return out
 
 
+class MultiStepForward(_Net):
+    """SpikingJelly's own loop: functional.multi_step_forward takes each step with x_seq.select(0, t)."""
+
+    def forward(self, x):
+        from spikingjelly.activation_based import functional
+
+        return functional.multi_step_forward(x, [self.fc1, self.sn1, self.fc2, self.sn2]).sum(0)
+
+
 class StartsFromOnes(_Net):
     def forward(self, x):
         out = torch.ones(x.shape[1], 10)  # not a count of spikes
@@ -75,7 +84,7 @@ def _x(seed=0):
     return (torch.rand(T, N, 64, generator=torch.Generator().manual_seed(seed)) < 0.4).float()
 
 
-@pytest.mark.parametrize("cls", [RateFromZero, CountInPlace, FirstStepStarts])
+@pytest.mark.parametrize("cls", [RateFromZero, CountInPlace, FirstStepStarts, MultiStepForward])
 def test_a_sum_over_the_steps_compiles_one_step_and_equals_the_model(cls):
     model, x = grid_weights(cls(), 0, -8, 12).eval(), _x()
     net = fxlava.compile(model, x)

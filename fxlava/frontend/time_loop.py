@@ -36,7 +36,15 @@ def _data_inputs(n: fx.Node, live: set) -> list[fx.Node]:
 
 
 def _step_index(n: fx.Node) -> Optional[tuple[fx.Node, int]]:
-    """(sequence, t) for ``seq[t]`` with an integer t, or ``seq[t:t+1]``, else None."""
+    """(sequence, t) for ``seq[t]`` with an integer t, ``seq[t:t+1]`` or ``seq.select(0, t)``, else None.
+
+    SpikingJelly's ``functional.multi_step_forward`` takes each step with ``x_seq.select(0, t)``.
+    """
+    if (n.op == "call_method" and n.target == "select") or (n.op == "call_function" and n.target is torch.select):
+        if len(n.args) == 3 and not n.kwargs and isinstance(n.args[0], fx.Node) and n.args[1] == 0 \
+                and isinstance(n.args[2], int) and not isinstance(n.args[2], bool):
+            return n.args[0], n.args[2]
+        return None
     if n.op != "call_function" or n.target is not operator.getitem or not isinstance(n.args[0], fx.Node):
         return None
     i = n.args[1]
