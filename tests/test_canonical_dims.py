@@ -56,6 +56,9 @@ OPS = {  # [T, N, C, H, W] axes, as a multi-step model writes them
     "transpose(3, 4)": lambda y, x: y.transpose(3, 4),
     "permute channels last": lambda y, x: y.permute(0, 1, 3, 4, 2),
     "movedim(2, -1)": lambda y, x: torch.movedim(y, 2, -1),
+    # time and batch merged for a plain 2-d module, then split again flattening each sample at once
+    "flatten(0, 1) then view(T, N, -1)": lambda y, x: y.flatten(0, 1).view(y.shape[0], y.shape[1], -1),
+    "view(T * N, -1) then view(T, N, -1)": lambda y, x: y.view(y.shape[0] * y.shape[1], -1).view(*y.shape[:2], -1),
 }
 
 

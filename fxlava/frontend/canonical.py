@@ -197,6 +197,12 @@ class _Canonicalizer:
         if lead == 1 and self.input_lead == 2 and len(so) >= 2 and tuple(so[:2]) == (self.T, self.N) \
                 and tuple(so[2:]) == tuple(si[1:]) and si[0] == self.T * self.N:
             return ("identity", 2)  # [T*N, *] -> [T, N, *]
+        # the same, flattening each sample at once: x.view(T * N, -1) and y.view(T, N, -1)
+        if lead == 2 and len(so) == 2 and so[0] == si[0] * si[1] and so[1] == math.prod(si[2:]):
+            return ("flatten", 1)
+        if lead == 1 and self.input_lead == 2 and len(so) == 3 and tuple(so[:2]) == (self.T, self.N) \
+                and si[0] == self.T * self.N and so[2] == math.prod(si[1:]):
+            return ("flatten", 2)
         if self.folded_loops and lead == 1 and self.input_lead == 2 and tuple(so) == (1,) + tuple(si):
             return ("identity", 2)  # x[t].unsqueeze(0) in a folded loop: one time step, as a sequence of length 1
         if tuple(so[:lead]) == tuple(si[:lead]):
