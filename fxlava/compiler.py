@@ -136,9 +136,7 @@ class CompiledNetwork(nn.Module):
         Longer inputs are exact in Lava too unless a voltage really falls below about -2048; see
         ``SynapseBlock.voltage_floor_steps`` and docs/support.md.
         """
-        steps = [b.voltage_floor_steps for b in self.blocks if isinstance(b, SynapseBlock)]
-        steps = [s for s in steps if s is not None]
-        return min(steps) if steps else None
+        return _voltage_floor_steps(self.blocks)
 
     def _weights_key(self):
         return tuple((id(p), p._version) for p in self.graph_module.parameters())
@@ -162,15 +160,17 @@ class CompiledNetwork(nn.Module):
         return os.fspath(path)
 
 
-def _voltage_floor_steps(net: CompiledNetwork):
-    """``net.voltage_floor_steps``, reusing what co-scaling found for blocks whose weights are unchanged since."""
-    from fxlava.blocks import SynapseBlock
+def _voltage_floor_steps(blocks, reuse: bool = False):
+    """The fewest ``voltage_floor_steps`` of the blocks (None: any number of steps).
 
+    ``reuse``: take what co-scaling found for a block whose weights are unchanged since (compile's own
+    check, right after the passes); otherwise count afresh.
+    """
     steps = []
-    for block in net.blocks:
+    for block in blocks:
         if not isinstance(block, SynapseBlock):
             continue
-        known = getattr(getattr(block, "quantization", None), "voltage_floor", None)
+        known = getattr(getattr(block, "quantization", None), "voltage_floor", None) if reuse else None
         steps.append(known[1] if known is not None and known[0] == block.weights_key() else block.voltage_floor_steps)
     steps = [s for s in steps if s is not None]
     return min(steps) if steps else None
@@ -257,7 +257,7 @@ def compile(model: nn.Module, example_input: torch.Tensor, pipeline: Optional[Pi
             raise
         raise UnsupportedModelError(grouped) from exc
     net = CompiledNetwork(gm, ctx, pipeline, readout, encoder)
-    floor = _voltage_floor_steps(net)
+    floor = _voltage_floor_steps(net.blocks, reuse=True)
     if floor is not None and floor < example_input.shape[0]:
         message = (f"Lava clips voltages at about -2048, lava-dl does not: with inputs longer than {floor} steps "
                    f"(this example has {example_input.shape[0]}) a voltage may reach that floor and Lava may differ")

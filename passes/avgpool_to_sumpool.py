@@ -90,6 +90,7 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
         factor = 1.0 / (pool.divisor_override or k[0] * k[1])
         user = next_module_node(node)
         um = module_of(gm, user) if user is not None else None
+        conv_before = _conv_feeding(gm, node)
         if isinstance(um, nn.Conv2d) and not any(p):
             plans.append(_Plan(node, "conv", factor, user))
         elif isinstance(um, FLATTENS) and not any(p):
@@ -99,8 +100,8 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext) -> tuple[list[_Plan], list[Is
             else:
                 issues.append(issue_at(node, "an average pool followed by flatten but not by a linear layer",
                                        "follow pool -> flatten with nn.Linear(..., bias=False)", module=pool))
-        elif is_neuron(um) and _conv_feeding(gm, node) is not None and not any(p):
-            plans.append(_Plan(node, "conv_before", factor, _conv_feeding(gm, node)))
+        elif is_neuron(um) and conv_before is not None and not any(p):
+            plans.append(_Plan(node, "conv_before", factor, conv_before))
         elif is_neuron(um) and hasattr(um, "v_threshold"):
             if _fixed_point_neuron(um) and not ctx.is_refused(user):
                 issues.append(issue_at(user, *_CUBA_LIF_AFTER_POOL, module=um))

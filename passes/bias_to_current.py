@@ -64,11 +64,13 @@ def _is_residual_add(node: fx.Node) -> bool:
 def _unpadded_avg_pool(m) -> bool:
     """An average pool without padding: the mean of a current plus a bias is the mean current plus that bias
     (avgpool_to_sumpool merges a pool between a conv and its neuron into the conv, bias kept)."""
-    from fxlava.target import ADAPTIVE_POOLS, AVG_POOLS
+    import torch.nn as nn
+
+    from fxlava.target import AVG_POOLS
 
     if isinstance(m, AVG_POOLS):
         return not any(_pair(m.padding))
-    return isinstance(m, ADAPTIVE_POOLS) and "Avg" in type(m).__name__
+    return isinstance(m, nn.AdaptiveAvgPool2d)
 
 
 def _skip(gm: fx.GraphModule, node: fx.Node, types: tuple) -> Optional[fx.Node]:

@@ -17,6 +17,7 @@ connection from the raw input) is cut; anything else stays in the graph, for the
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Optional
 
 import torch
@@ -146,7 +147,7 @@ def split_static_encoder(gm0: fx.GraphModule, example_input: torch.Tensor) -> Op
     if len(placeholders) != 1:
         return None
     (x,) = placeholders
-    firsts, prefixes, claimed = [], [], set()
+    firsts, claimed = [], set()
     for n in nodes:  # the spiking nodes that read x through no other spiking node, each with its own prefix
         if not (_is_spiking_node(gm0, n) or _is_encoding_module(gm0, n)) or n in claimed:
             continue
@@ -163,7 +164,6 @@ def split_static_encoder(gm0: fx.GraphModule, example_input: torch.Tensor) -> Op
         if prefix & claimed:
             return None  # two copies share an op: not one chain per step
         firsts.append(n)
-        prefixes.append(prefix)
         claimed |= prefix | {n}
     if len(firsts) < 2 or len({(f.op, f.target) for f in firsts}) != 1:
         return None
@@ -187,8 +187,6 @@ def split_static_encoder(gm0: fx.GraphModule, example_input: torch.Tensor) -> Op
     if not isinstance(spikes, torch.Tensor) or not torch.isin(spikes, torch.tensor([0.0, 1.0])).all():
         return None
     # what remains reads the spikes: the input placeholder now stands for them, copy t for its step
-    import operator
-
     record_shape(x, spikes)
     at = x
     for t, first in enumerate(firsts):
